@@ -1,0 +1,228 @@
+"""The adapter plugin contract: what every adapter kind implements.
+
+An adapter kind is one small unit (peft-style): a typed, frozen config dataclass
+(:class:`AdapterConfig`), and an :class:`Adapter` subclass that attaches to a base
+U-Net through diffusers' own hook points (``unet.add_adapter`` for LoRA, the
+``down_block_additional_residuals``/``mid_block_additional_residual`` arguments for
+ControlNet, attention processors for IP-Adapter; never by patching ``forward``),
+saves itself with a self-describing ``condkit_adapter.json`` beside its weights, and
+loads from a file or folder. :mod:`condkit.adapters.registry` maps kind names to
+classes, so a recipe says ``kind: lora`` and the loader finds the code.
+
+The training loop (:mod:`condkit.train.loop`) talks to adapters only through the
+hooks below; several adapters can sit on one U-Net at once (one trained, the others
+frozen), and their U-Net keyword arguments are merged by :func:`merge_unet_kwargs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from condkit.base import BaseModel
+
+ADAPTER_CONFIG_FILE = "condkit_adapter.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Base of every kind's typed config; subclasses add their own fields with defaults.
+
+    Subclasses validate values in ``__post_init__`` and raise
+    :class:`condkit.errors.UserError` naming the key and the allowed range.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (for ``condkit_adapter.json`` and recipes)."""
+        return dataclasses.asdict(self)
+
+
+class Adapter(ABC):
+    """One adapter instance of a kind, attached to at most one base at a time.
+
+    Args:
+        config: the kind's config.
+        name: the instance name (peft's ``adapter_name``); several adapters of one kind
+            on one base need distinct names.
+    """
+
+    kind: ClassVar[str]
+    config_class: ClassVar[type[AdapterConfig]]
+
+    def __init__(self, config: AdapterConfig, name: str = "default") -> None:
+        self.config = config
+        self.name = name
+        self.base: BaseModel | None = None
+
+    # ---- attach and detach -------------------------------------------------------
+    @abstractmethod
+    def attach(self, base: BaseModel) -> None:
+        """Attach to ``base`` (its U-Net, and text encoder where the kind uses it)."""
+
+    @abstractmethod
+    def detach(self) -> None:
+        """Remove everything :meth:`attach` added; the base is then exactly as before."""
+
+    @abstractmethod
+    def set_scale(self, scale: float) -> None:
+        """Set the adapter's strength (0 = the base's own output)."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters an optimizer should update (everything else stays frozen)."""
+
+    def parameter_groups(self, learning_rate: float, text_encoder_learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; kinds that train the text encoder give it its own rate.
+
+        Args:
+            learning_rate: the recipe's ``train.learning_rate``.
+            text_encoder_learning_rate: ``train.text_encoder_learning_rate`` (or the former).
+        """
+        return [{"params": self.trainable_parameters(), "lr": learning_rate}]
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """Modules that own the trainable parameters and are not part of the U-Net.
+
+        The loop passes them through ``accelerator.prepare`` and switches them to train
+        mode (e.g. the ControlNet branch). Default: none.
+        """
+        return []
+
+    # ---- training hooks ----------------------------------------------------------
+    def encode_extras(self, batch: dict[str, Any], base: BaseModel) -> dict[str, torch.Tensor]:
+        """Encode what this kind needs from a batch with frozen models (cacheable).
+
+        Args:
+            batch: the collated data batch (``pixel_values``, ``caption`` and any
+                kind-specific fields such as ``condition`` or ``reference``).
+            base: the base model (frozen encoders live here).
+
+        Returns:
+            Tensors keyed by name, each with the batch as first dimension; the loop may
+            cache them and hands them back to :meth:`unet_kwargs`. Default: none.
+        """
+        return {}
+
+    def drop_conditions(
+        self,
+        text_embeds: torch.Tensor,
+        extras: dict[str, torch.Tensor],
+        empty_text_embeds: torch.Tensor,
+        caption_dropout: float,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Drop conditions for classifier-free guidance training.
+
+        Default: replace each sample's text embedding with the empty prompt's with
+        probability ``caption_dropout``. Kinds with their own conditions (IP-Adapter's
+        image) override it to drop jointly.
+
+        Args:
+            text_embeds: (b, 77, d) text embeddings.
+            extras: what :meth:`encode_extras` returned for the batch.
+            empty_text_embeds: (1, 77, d) embedding of the empty prompt.
+            caption_dropout: probability of dropping a caption, from the recipe.
+            generator: the loop's CPU generator (reproducible draws).
+        """
+        drop = torch.rand(text_embeds.shape[0], generator=generator) < caption_dropout  # (b,)
+        drop = drop.to(text_embeds.device)[:, None, None]
+        return torch.where(drop, empty_text_embeds.to(text_embeds.dtype), text_embeds), extras
+
+    def unet_kwargs(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text_embeds: torch.Tensor,
+        extras: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        """Extra keyword arguments for ``unet(...)`` in a training step.
+
+        Returns e.g. ``down_block_additional_residuals``/``mid_block_additional_residual``
+        (ControlNet) or ``added_cond_kwargs`` (IP-Adapter). Default: none.
+        """
+        return {}
+
+    def validate(self, base: BaseModel, validation: Any, step: int) -> tuple[list[list[Any]], dict[str, float]]:
+        """Sample validation images and compute metrics during training.
+
+        Default: one image per ``validation.prompts`` entry, as one grid row.
+
+        Args:
+            base: the base with this adapter attached.
+            validation: the recipe's :class:`condkit.train.config.ValidationConfig`.
+            step: the optimizer step (for kinds whose figures depend on it).
+
+        Returns:
+            ``(rows, metrics)``: rows of PIL images for the grid, and named figures.
+        """
+        if not validation.prompts:
+            return [], {}
+        from condkit.train.validation import sample_prompts
+
+        return [sample_prompts(base, [self], validation)], {}
+
+    # ---- inference hooks (condkit generate) -----------------------------------
+    def pipeline_components(self) -> dict[str, Any]:
+        """Pipeline components this kind adds (e.g. ``{"controlnet": model}``). Default: none."""
+        return {}
+
+    def pipeline_call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Pipeline call arguments this kind adds, from the user's generate inputs."""
+        return {}
+
+    # ---- persistence -------------------------------------------------------------
+    @abstractmethod
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Write the adapter in its export format(s) plus ``condkit_adapter.json``.
+
+        Every file is written atomically. Returns the files written.
+        """
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str | Path, base: BaseModel, name: str = "default") -> Adapter:
+        """Create an adapter from a file or folder and attach it to ``base``.
+
+        Raises :class:`condkit.errors.UserError` naming the file and the problem
+        (unmatched keys, shape mismatch naming the module and both shapes, ...).
+        """
+
+    @classmethod
+    def can_load(cls, path: str | Path) -> bool:
+        """Whether ``path`` looks like a file or folder of this kind (for ``inspect``/``generate``)."""
+        return False
+
+    @classmethod
+    def describe(cls, path: str | Path) -> dict[str, Any]:
+        """What a file of this kind is: format, rank/targets, which base it fits."""
+        return {"kind": cls.kind}
+
+
+def merge_unet_kwargs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge the U-Net keyword arguments of several adapters into one call.
+
+    ControlNet residuals add up (as diffusers' ``MultiControlNetModel`` does);
+    ``added_cond_kwargs`` dicts are merged; anything else must not collide.
+
+    Args:
+        parts: one dict per adapter, from :meth:`Adapter.unet_kwargs`.
+    """
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key not in merged:
+                merged[key] = value
+            elif key == "down_block_additional_residuals":
+                merged[key] = [a + b for a, b in zip(merged[key], value)]
+            elif key == "mid_block_additional_residual":
+                merged[key] = merged[key] + value
+            elif key == "added_cond_kwargs":
+                merged[key] = {**merged[key], **value}
+            else:
+                raise ValueError(f"two adapters both set unet argument {key!r}")
+    return merged

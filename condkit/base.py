@@ -1,0 +1,230 @@
+"""Base models: the frozen SD pieces every adapter attaches to.
+
+A base comes from (a) a local diffusers folder (``StableDiffusionPipeline`` layout),
+(b) a single original-format checkpoint (``.safetensors``, or ``.ckpt`` read weights-only)
+through diffusers' single-file loading with a local config folder, or (c) ``embedded``:
+the tiny SD-architecture base shipped inside the package. Nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from condkit.embedded import EMBEDDED_BASE_DIR
+from condkit.errors import UserError
+
+EMBEDDED = "embedded"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclasses.dataclass
+class BaseModel:
+    """The components of an SD base, as diffusers and transformers objects.
+
+    Attributes:
+        source: where it came from (``embedded``, a folder or a file).
+        unet, vae, text_encoder, tokenizer: the usual SD components.
+        scheduler: the inference scheduler from the base's own config.
+        image_encoder, feature_extractor: CLIP vision encoder for IP-Adapter (optional).
+    """
+
+    source: str
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    image_encoder: Any = None
+    feature_extractor: Any = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How many pixels one latent cell covers per side (8 for SD 1.5, 4 for embedded)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The base's native image size in pixels (512 for SD 1.5, 64 for embedded)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        """``epsilon`` or ``v_prediction``, from the scheduler config."""
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    def noise_scheduler(self):
+        """A DDPM scheduler with the base's training schedule, for adding noise in training."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler.config)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What an adapter needs to know to tell whether it fits this base."""
+        cfg = self.unet.config
+        return {
+            "cross_attention_dim": cfg.cross_attention_dim,
+            "block_out_channels": list(cfg.block_out_channels),
+            "in_channels": cfg.in_channels,
+            "resolution": self.resolution,
+            "source": self.source,
+        }
+
+    def freeze(self) -> None:
+        """Freeze every component and put it in eval mode (adapters bring their own parameters)."""
+        for module in (self.unet, self.vae, self.text_encoder, self.image_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> BaseModel:
+        """Move the frozen components to ``device`` (and ``dtype``), in place; returns self."""
+        for module in (self.unet, self.vae, self.text_encoder, self.image_encoder):
+            if module is not None:
+                module.to(device=device, dtype=dtype if dtype not in (None, torch.float32) else None)
+        return self
+
+    def pipeline(self, **components: Any):
+        """A ``StableDiffusionPipeline`` sharing this base's modules.
+
+        Args:
+            components: replacements or additions (e.g. ``controlnet=...`` gives a
+                ``StableDiffusionControlNetPipeline``).
+        """
+        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+        parts = dict(
+            unet=self.unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler=self.scheduler,
+            image_encoder=self.image_encoder,
+            feature_extractor=self.feature_extractor,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        parts.update(components)
+        cls = StableDiffusionControlNetPipeline if parts.get("controlnet") is not None else StableDiffusionPipeline
+        pipe = cls(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def load_base(spec: str | os.PathLike = EMBEDDED, config: str | os.PathLike | None = None) -> BaseModel:
+    """Load a base model, offline.
+
+    Args:
+        spec: ``"embedded"``, a diffusers folder, or a single ``.safetensors``/``.ckpt`` file.
+        config: for a single file, a local diffusers folder giving the component configs
+            and tokenizer (e.g. an SD 1.5 diffusers folder); needed to work offline.
+
+    Returns:
+        The base, frozen, in eval mode, on CPU in float32.
+
+    Raises:
+        UserError: the path does not exist or is not a base condkit can read.
+    """
+    if str(spec) == EMBEDDED:
+        return _load_folder(EMBEDDED_BASE_DIR, source=EMBEDDED)
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path}: not a diffusers model folder (no model_index.json)")
+        return _load_folder(path, source=str(path))
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        return _load_single_file(path, config)
+    if path.is_file():
+        raise UserError(f"{path}: a base must be a diffusers folder or a .safetensors/.ckpt checkpoint")
+    raise UserError(f"base {str(spec)!r}: no such file or folder (use 'embedded', a diffusers folder or a checkpoint file)")
+
+
+def _load_folder(path: Path, source: str) -> BaseModel:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, safety_checker=None, requires_safety_checker=False, local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load as a Stable Diffusion folder ({_first_line(exc)})") from None
+    return _from_pipeline(pipe, source, path)
+
+
+def _load_single_file(path: Path, config: str | os.PathLike | None) -> BaseModel:
+    from diffusers import StableDiffusionPipeline
+
+    if config is None:
+        raise UserError(
+            f"{path}: a single-file checkpoint needs a local config folder to load offline "
+            "(recipe key base_config, or --base-config DIR: a diffusers SD folder with tokenizer and configs)"
+        )
+    if not Path(config).is_dir():
+        raise UserError(f"base_config {str(config)!r}: no such folder")
+    from condkit.io import check_safetensors_header
+
+    if path.suffix == ".safetensors":
+        check_safetensors_header(path)
+    try:
+        # diffusers reads .ckpt with torch.load(weights_only=True) on current torch.
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{path}: cannot load as an SD checkpoint with config {config} ({_first_line(exc)})") from None
+    return _from_pipeline(pipe, str(path), Path(config))
+
+
+def _from_pipeline(pipe, source: str, folder: Path) -> BaseModel:
+    image_encoder = getattr(pipe, "image_encoder", None)
+    feature_extractor = getattr(pipe, "feature_extractor", None)
+    if image_encoder is None and (folder / "image_encoder" / "config.json").is_file():
+        from transformers import CLIPVisionModelWithProjection
+
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", local_files_only=True)
+    base = BaseModel(
+        source=source,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        image_encoder=image_encoder,
+        feature_extractor=feature_extractor,
+    )
+    base.freeze()
+    return base
+
+
+def export_embedded(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the embedded base as a standard diffusers folder.
+
+    ``StableDiffusionPipeline.from_pretrained(out_dir)`` then works in a plain diffusers
+    install. The copy is made in a temporary folder beside ``out_dir`` and renamed
+    into place, so an interruption leaves no half-written base.
+
+    Args:
+        out_dir: destination folder; must not exist unless ``overwrite``.
+        overwrite: replace an existing folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(EMBEDDED_BASE_DIR, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,46 @@
+"""``condkit train RECIPE``: run a training recipe."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    """Register ``train``."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train an adapter from a recipe",
+        description="Train an adapter from a YAML recipe (a file, or a shipped recipe name such as lora-few-images). "
+        "Writes the adapter in its export formats, checkpoints, TensorBoard logs and validation grids to --output.",
+        epilog="example: condkit train recipes/lora-few-images.yaml --set train.max_steps=200 --output runs/my-lora",
+    )
+    parser.add_argument("recipe", help="recipe YAML file or shipped recipe name")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. train.learning_rate=5e-5 (repeatable)")
+    parser.add_argument("--output", type=Path, help="output folder (default: runs/<recipe>-<time>)")
+    parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint in --output, or from a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty --output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the recipe, then train."""
+    from condkit.errors import UserError
+    from condkit.train.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.validate_only:
+        print(f"{recipe.source}: ok ({recipe.adapter.kind}, {recipe.train.max_steps} steps)")
+        return 0
+    if args.resume and args.output is None:
+        raise UserError("--resume needs --output (the folder of the run to continue)")
+    output = args.output or Path("runs") / f"{Path(recipe.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from condkit.train.loop import train
+
+    started = time.perf_counter()
+    train(recipe, output, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+    print(f"condkit: trained {recipe.adapter.kind} in {time.perf_counter() - started:.0f} s; outputs in {output.resolve()}")
+    return 0

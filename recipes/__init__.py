@@ -1,0 +1,1 @@
+"""Shipped recipes (YAML data), installed as package data so `condkit train NAME` finds them."""

@@ -1,0 +1,309 @@
+"""Recipes: YAML data validated into typed, frozen config objects.
+
+A recipe has the sections ``data``, ``adapter``, ``train``, ``validation`` and the
+top-level keys ``base``, ``base_config``, ``seed``, ``frozen_adapters``. Every key is
+checked before any work starts: an unknown or misspelt key fails with a message that
+names it and lists the valid ones; a bad value names the key and the allowed range.
+``--set a.b=value`` overrides are applied to the raw data before validation, so they
+are checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from condkit.errors import UserError
+
+
+def _field(default: Any, help: str, *, range: tuple[float, float] | None = None, choices: tuple[str, ...] | None = None):
+    """A dataclass field carrying its help text and allowed range/choices."""
+    meta = {"help": help, "range": range, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the training images come from and how they are prepared."""
+
+    path: str = _field("", "image folder (captions from NAME.txt or metadata.jsonl), or 'shapes' for the built-in shapes world")
+    caption: str = _field("", "caption for images without their own")
+    caption_dropout: float = _field(0.0, "share of captions replaced by the empty prompt", range=(0.0, 1.0))
+    resolution: int = _field(0, "training size in pixels; 0 = the base's native size", range=(0, 4096))
+    crop: str = _field("center", "how to crop to a square after resizing", choices=("center", "random"))
+    flip: bool = _field(False, "random horizontal flips")
+    cache: str = _field("memory", "cache VAE latents and text embeddings when nothing upstream trains", choices=("memory", "disk", "off"))
+    repeats: int = _field(1, "how often each image appears per epoch", range=(1, 10000))
+    shapes_count: int = _field(2000, "number of samples when path is 'shapes'", range=(1, 1_000_000))
+    condition_preprocessor: str = _field("", "compute condition maps from the images with this preprocessor (ControlNet)")
+    reference: str = _field("", "folder of reference images matched by file stem (IP-Adapter); default: the image itself")
+    prior_path: str = _field("", "folder of class images for prior preservation (generated from the base when empty)")
+    prior_prompt: str = _field("", "class prompt for prior preservation; empty = off")
+    prior_count: int = _field(0, "number of class images (generated if the folder has fewer)", range=(0, 100000))
+    prior_loss_weight: float = _field(1.0, "weight of the prior-preservation loss", range=(0.0, 100.0))
+    num_workers: int = _field(0, "DataLoader worker processes when images are not cached", range=(0, 64))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings for the one training loop."""
+
+    max_steps: int = _field(1000, "optimizer steps to run", range=(1, 10_000_000))
+    batch_size: int = _field(1, "samples per step and process (before accumulation)", range=(1, 4096))
+    learning_rate: float = _field(1e-4, "learning rate of the adapter", range=(1e-9, 1.0))
+    text_encoder_learning_rate: float = _field(0.0, "learning rate of text-encoder parameters; 0 = learning_rate", range=(0.0, 1.0))
+    gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step", range=(1, 4096))
+    mixed_precision: str = _field("no", "autocast dtype for the frozen base; adapters stay fp32", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass to save memory")
+    optimizer: str = _field("adamw", "adamw, or adamw8bit (needs bitsandbytes)", choices=("adamw", "adamw8bit"))
+    weight_decay: float = _field(1e-2, "AdamW weight decay", range=(0.0, 1.0))
+    max_grad_norm: float = _field(1.0, "gradient clipping norm; 0 = off", range=(0.0, 1e6))
+    lr_scheduler: str = _field(
+        "constant",
+        "learning-rate schedule (diffusers.optimization.get_scheduler)",
+        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    )
+    lr_warmup_steps: int = _field(0, "warm-up steps of the schedule", range=(0, 10_000_000))
+    snr_gamma: float = _field(0.0, "min-SNR loss weighting gamma (5.0 is typical); 0 = off", range=(0.0, 100.0))
+    noise_offset: float = _field(0.0, "noise offset (0.05-0.1 helps very dark/bright images); 0 = off", range=(0.0, 1.0))
+    checkpoint_every: int = _field(0, "save a resumable checkpoint every N steps; 0 = off", range=(0, 10_000_000))
+    keep_checkpoints: int = _field(2, "how many recent checkpoints to keep", range=(1, 1000))
+    on_nonfinite_loss: str = _field("stop", "what a NaN/inf loss does: stop the run, or skip the step", choices=("stop", "skip"))
+    log_every: int = _field(10, "log loss and speed every N steps", range=(1, 1_000_000))
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """Sampling during training."""
+
+    every: int = _field(0, "sample validation images every N steps; 0 = off (the end of training still samples)", range=(0, 10_000_000))
+    prompts: list = _field([], "prompts to sample")
+    images: list = _field([], "condition maps (ControlNet) or reference images (IP-Adapter) to sample with")
+    num_inference_steps: int = _field(25, "sampling steps", range=(1, 1000))
+    guidance_scale: float = _field(7.5, "classifier-free guidance scale", range=(0.0, 100.0))
+    seed: int = _field(0, "sampling seed", range=(0, 2**63 - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSection:
+    """The adapter to train: its kind and the kind's own typed config."""
+
+    kind: str
+    config: Any  # the kind's AdapterConfig subclass instance
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A whole training recipe."""
+
+    adapter: AdapterSection
+    base: str = "embedded"
+    base_config: str = ""
+    seed: int = 0
+    frozen_adapters: list = dataclasses.field(default_factory=list)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    source: str = ""  # the recipe file, for messages
+
+
+TOP_LEVEL_KEYS = ("base", "base_config", "seed", "frozen_adapters", "data", "adapter", "train", "validation")
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "validation": ValidationConfig}
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file.
+
+    Args:
+        path: a YAML file, or the name of a shipped recipe (``lora-few-images``).
+        overrides: ``a.b=value`` strings; values are parsed as YAML (``1e-4``, ``true``, ``[a, b]``).
+
+    Raises:
+        UserError: the file is missing or not YAML, a key is unknown, or a value is out of range.
+    """
+    path = resolve_recipe_path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of keys to values")
+    for item in overrides:
+        apply_override(raw, item, path)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """Find a recipe file: a path as given, else a shipped recipe by name.
+
+    Args:
+        path: a file path, or a shipped recipe name with or without ``.yaml``.
+    """
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    shipped = Path(__file__).resolve().parent.parent / "recipes"  # source tree
+    from importlib import resources
+
+    for root in (Path(str(resources.files("condkit.recipes"))), shipped):
+        for name in (str(path), f"{path}.yaml"):
+            if (root / name).is_file():
+                return root / name
+    raise UserError(f"recipe {str(path)!r}: no such file (and no shipped recipe of that name)")
+
+
+def apply_override(raw: dict, item: str, source: Path | str) -> None:
+    """Apply one ``a.b=value`` override to raw recipe data, in place.
+
+    Args:
+        raw: the recipe as loaded from YAML.
+        item: the override string.
+        source: the recipe file, for messages.
+    """
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=100")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: {part!r} is not a section in {source}")
+        node = child
+    node[parts[-1]] = value
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
+    """Validate raw recipe data into a :class:`Recipe`.
+
+    Args:
+        raw: the recipe mapping (after overrides).
+        source: the file name used in messages.
+    """
+    _reject_unknown(raw, TOP_LEVEL_KEYS, source, "")
+    if "adapter" not in raw or not isinstance(raw["adapter"], dict) or "kind" not in raw["adapter"]:
+        raise UserError(f"{source}: missing key 'adapter.kind' (e.g. adapter: {{kind: lora}})")
+    sections = {name: build_dataclass(cls, raw.get(name) or {}, source, name) for name, cls in SECTIONS.items()}
+    options = dict(raw["adapter"])
+    kind = options.pop("kind")
+    from condkit.adapters.registry import get_adapter_class
+
+    try:
+        adapter_cls = get_adapter_class(str(kind))
+    except UserError as exc:
+        raise UserError(f"{source}: adapter.kind: {exc}") from None
+    adapter = AdapterSection(kind=str(kind), config=build_dataclass(adapter_cls.config_class, options, source, "adapter"))
+    frozen = raw.get("frozen_adapters") or []
+    if not isinstance(frozen, list):
+        raise UserError(f"{source}: frozen_adapters must be a list of adapter paths, got {frozen!r}")
+    return Recipe(
+        adapter=adapter,
+        base=str(_check_type(raw.get("base", "embedded"), str, source, "base")),
+        base_config=str(_check_type(raw.get("base_config") or "", str, source, "base_config")),
+        seed=_check_type(raw.get("seed", 0), int, source, "seed"),
+        frozen_adapters=[str(p) for p in frozen],
+        source=source,
+        **sections,
+    )
+
+
+def build_dataclass(cls: type, data: dict, source: str, section: str):
+    """Build a frozen config dataclass from a mapping, checking keys, types and ranges.
+
+    Args:
+        cls: the dataclass (a recipe section or an adapter kind's config).
+        data: the raw mapping.
+        source: the recipe file, for messages.
+        section: the dotted key prefix, for messages.
+    """
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: '{section}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    _reject_unknown(data, tuple(fields), source, section)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        key = f"{section}.{name}" if section else name
+        value = _check_type(value, hints.get(name, Any), source, key)
+        _check_range(value, fields[name].metadata, source, key)
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise UserError(f"{source}: '{section}': {exc}") from None
+
+
+def _reject_unknown(data: dict, valid: tuple[str, ...], source: str, section: str) -> None:
+    for key in data:
+        if key not in valid:
+            where = f"{section}.{key}" if section else str(key)
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{source}: unknown key '{where}'{hint}; valid keys{' in ' + repr(section) if section else ''}: {', '.join(valid)}")
+
+
+def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint) or hint
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+    elif origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{source}: {key} must be a whole number, got {value!r}")
+    elif origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: {key} must be a number, got {value!r}")
+        value = float(value)
+    elif origin is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{source}: {key} must be text, got {value!r}")
+        value = str(value)
+    elif origin in (list, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{source}: {key} must be a list, got {value!r}")
+        value = list(value) if origin is list else tuple(value)
+    return value
+
+
+def _check_range(value: Any, metadata: Any, source: str, key: str) -> None:
+    allowed_range = metadata.get("range") if metadata else None
+    choices = metadata.get("choices") if metadata else None
+    if allowed_range is not None and not (allowed_range[0] <= value <= allowed_range[1]):
+        raise UserError(f"{source}: {key} = {value!r} is out of range [{allowed_range[0]}, {allowed_range[1]}]")
+    if choices is not None and value not in choices:
+        raise UserError(f"{source}: {key} = {value!r} is not one of: {', '.join(choices)}")
+
+
+def describe_schema() -> str:
+    """Markdown table of every recipe key with its default and help (for the README and --help)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    lines += ["| `base` | `embedded` | `embedded`, a diffusers folder, or a `.safetensors`/`.ckpt` file |"]
+    lines += ["| `base_config` | | local diffusers folder with configs + tokenizer, for a single-file base |"]
+    lines += ["| `seed` | `0` | seed for data order, noise and initialisation |"]
+    lines += ["| `frozen_adapters` | `[]` | adapter files attached frozen during training (composition) |"]
+    lines += ["| `adapter.kind` | | `lora`, `controlnet`, `ip_adapter`, `full_unet`; other `adapter.*` keys are the kind's options |"]
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            extra = ""
+            if f.metadata.get("range"):
+                extra = f" (range {f.metadata['range'][0]}..{f.metadata['range'][1]})"
+            if f.metadata.get("choices"):
+                extra = f" ({' / '.join(f.metadata['choices'])})"
+            lines.append(f"| `{name}.{f.name}` | `{default!r}` | {f.metadata['help']}{extra} |")
+    return "\n".join(lines)

@@ -1,0 +1,324 @@
+"""Training data: find image records, load any image mode, crop and flip reproducibly.
+
+A data folder is read in one of these ways (first match wins):
+  * an adapter kind's own layouts (e.g. ControlNet's image/condition pairs), asked
+    through ``find_records`` on the kind's class;
+  * ``metadata.jsonl`` (the Hugging Face imagefolder convention): ``file_name`` and
+    ``text`` columns, optional ``condition_file_name`` / ``reference_file_name``;
+  * every image below the folder, captioned by a same-stem ``.txt`` file, else by
+    ``data.caption``;
+  * ``path: shapes``: the built-in shapes world, generated in memory from the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from condkit.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MIN_IMAGE_SIDE = 8  # smaller images carry too little to upscale into a training sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One training sample before loading: where its image, caption and conditions are.
+
+    ``image``, ``condition`` and ``reference`` are file paths or in-memory uint8 RGB
+    arrays (H, W, 3); ``condition_preprocessor`` names a preprocessor that makes the
+    condition map from the image when no map is given.
+    """
+
+    image: Any
+    caption: str
+    condition: Any = None
+    reference: Any = None
+    condition_preprocessor: str = ""
+
+
+def find_records(data, adapter_cls=None) -> list[Record]:
+    """List the samples a recipe's ``data`` section describes.
+
+    Args:
+        data: a :class:`condkit.train.config.DataConfig`.
+        adapter_cls: the adapter kind being trained; its ``find_records(data)`` class
+            method, if it has one and returns a list, takes precedence.
+
+    Raises:
+        UserError: the folder is missing or holds no images.
+    """
+    if data.path == "shapes":
+        from condkit.train.shapes_world import shapes_records
+
+        records = shapes_records(data.shapes_count, seed=0)
+    else:
+        root = Path(data.path)
+        if not data.path or not root.is_dir():
+            raise UserError(f"data.path {data.path!r}: no such folder")
+        custom = getattr(adapter_cls, "find_records", None)
+        records = custom(data) if custom is not None else None
+        if records is None:
+            records = _records_from_metadata(root, data.caption) if (root / "metadata.jsonl").is_file() else _records_from_folder(root, data.caption)
+    if not records:
+        raise UserError(f"data.path {data.path!r}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    if data.reference:
+        records = _attach_references(records, Path(data.reference))
+    if data.condition_preprocessor:
+        records = [r if r.condition is not None else dataclasses.replace(r, condition_preprocessor=data.condition_preprocessor) for r in records]
+    return records * data.repeats
+
+
+def list_images(root: Path) -> list[Path]:
+    """Every image file below ``root``, sorted, skipping hidden files and folders.
+
+    Args:
+        root: the folder to search recursively.
+    """
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def _records_from_folder(root: Path, default_caption: str) -> list[Record]:
+    records = []
+    for image in list_images(root):
+        caption_file = image.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else default_caption
+        records.append(Record(image=image, caption=caption))
+    return records
+
+
+def _records_from_metadata(root: Path, default_caption: str) -> list[Record]:
+    records = []
+    path = root / "metadata.jsonl"
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            file_name = row["file_name"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{number}: each line must be a JSON object with a 'file_name' key") from None
+        image = root / file_name
+        if not image.is_file():
+            raise UserError(f"{path}:{number}: image {file_name!r} does not exist")
+        condition = row.get("condition_file_name") or row.get("conditioning_image")
+        reference = row.get("reference_file_name") or row.get("reference")
+        records.append(
+            Record(
+                image=image,
+                caption=str(row.get("text", row.get("caption", default_caption)) or default_caption),
+                condition=root / condition if condition else None,
+                reference=root / reference if reference else None,
+            )
+        )
+    return records
+
+
+def _attach_references(records: list[Record], folder: Path) -> list[Record]:
+    if not folder.is_dir():
+        raise UserError(f"data.reference {str(folder)!r}: no such folder")
+    by_stem = {p.stem: p for p in list_images(folder)}
+    out = []
+    for record in records:
+        stem = Path(record.image).stem if isinstance(record.image, (str, Path)) else None
+        if stem not in by_stem:
+            raise UserError(f"data.reference: no reference image for {record.image} in {folder} (matched by file stem)")
+        out.append(dataclasses.replace(record, reference=by_stem[stem]))
+    return out
+
+
+def load_rgb(source: Any) -> np.ndarray:
+    """Load an image as a uint8 RGB array (H, W, 3), whatever its mode.
+
+    RGBA/LA/P-with-transparency are composited on white; L, P, CMYK and 16-bit
+    images are converted; EXIF orientation is applied.
+
+    Args:
+        source: a file path, a PIL image, or an (H, W, 3) uint8 array (returned as is).
+
+    Raises:
+        UserError: the file cannot be decoded (names the file), or is tiny.
+    """
+    if isinstance(source, np.ndarray):
+        return source
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            with Image.open(source) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"{source}: cannot read image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    rgb = to_rgb(image)
+    if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
+        raise UserError(f"{source}: image is {rgb.shape[1]}x{rgb.shape[0]} px, smaller than {MIN_IMAGE_SIDE} px")
+    return rgb
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any common mode to a uint8 RGB array (H, W, 3).
+
+    Args:
+        image: the image (RGB, RGBA, LA, L, P, CMYK, I;16, I, F ...).
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # PIL's convert("RGB") clips 16-bit values at 255; rescale to the full range instead.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def resize_and_crop(rgb: np.ndarray, size: int, crop: str, rng: random.Random) -> np.ndarray:
+    """Resize the shorter side to ``size`` and crop a ``size`` square.
+
+    Args:
+        rgb: (H, W, 3) uint8.
+        size: output side in pixels.
+        crop: ``center`` or ``random``.
+        rng: source of the random crop offset (seeded per sample for reproducibility).
+    """
+    height, width = rgb.shape[:2]
+    scale = size / min(height, width)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = Image.fromarray(rgb)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+    if crop == "random":
+        left, top = rng.randint(0, new_w - size), rng.randint(0, new_h - size)
+    else:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def to_tensor(rgb: np.ndarray, signed: bool) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1] (signed) or [0, 1].
+
+    Args:
+        rgb: the image array.
+        signed: scale to [-1, 1] (VAE input) instead of [0, 1] (conditions).
+    """
+    tensor = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # copy: crops are read-only views
+    return tensor * 2.0 - 1.0 if signed else tensor
+
+
+class TrainingSet(torch.utils.data.Dataset):
+    """Records turned into tensors: ``pixel_values`` (3, H, W) in [-1, 1], ``caption``,
+    and when present ``condition`` / ``reference`` (3, H, W) in [0, 1].
+
+    Augmentation (random crop, flip) is drawn from ``(seed, epoch, index)``, so a
+    sample is the same after a resume. Index ``i`` with ``flip`` fixed: see
+    :meth:`item`.
+
+    Args:
+        records: from :func:`find_records`.
+        size: square side in pixels.
+        crop: ``center`` or ``random``.
+        flip: random horizontal flips.
+        seed: recipe seed.
+    """
+
+    def __init__(self, records: list[Record], size: int, crop: str, flip: bool, seed: int) -> None:
+        self.records = records
+        self.size = size
+        self.crop = crop
+        self.flip = flip
+        self.seed = seed
+        self._preprocessors: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        rng = random.Random(hash((self.seed, epoch, index)))
+        flip = self.flip and rng.random() < 0.5
+        return self.item(index, flip=flip, rng=rng)
+
+    def item(self, index: int, flip: bool, rng: random.Random | None = None) -> dict[str, Any]:
+        """Load sample ``index`` with a given flip (used by the latent cache for both flips).
+
+        Args:
+            index: record index.
+            flip: mirror the image (and its condition/reference) horizontally.
+            rng: random source for the crop; center crops ignore it.
+        """
+        record = self.records[index]
+        rng = rng or random.Random(index)
+        crop_state = rng.getstate()
+        original = load_rgb(record.image)
+        image = resize_and_crop(original, self.size, self.crop, rng)
+        sample: dict[str, Any] = {"caption": record.caption}
+        condition = None
+        if record.condition is not None:
+            condition_rgb = load_rgb(record.condition)
+            if condition_rgb.shape[:2] != original.shape[:2]:
+                raise UserError(
+                    f"{record.condition}: condition map is {condition_rgb.shape[1]}x{condition_rgb.shape[0]} px but its image "
+                    f"{record.image} is {original.shape[1]}x{original.shape[0]} px"
+                )
+            rng.setstate(crop_state)  # the same crop as the image
+            condition = resize_and_crop(condition_rgb, self.size, self.crop, rng)
+        elif record.condition_preprocessor:
+            condition = self._preprocess(record.condition_preprocessor, image)
+        reference = None
+        if record.reference is not None:
+            reference = resize_and_crop(load_rgb(record.reference), self.size, "center", rng)
+        if flip:
+            image = image[:, ::-1]
+            condition = condition[:, ::-1] if condition is not None else None
+            reference = reference[:, ::-1] if reference is not None else None
+        sample["pixel_values"] = to_tensor(image, signed=True)  # (3, H, W) in [-1, 1]
+        if condition is not None:
+            sample["condition"] = to_tensor(condition, signed=False)  # (3, H, W) in [0, 1]
+        sample["reference"] = to_tensor(reference if reference is not None else image, signed=False)
+        return sample
+
+    def _preprocess(self, name: str, image: np.ndarray) -> np.ndarray:
+        if name not in self._preprocessors:
+            from condkit.preprocessors import get_preprocessor
+
+            self._preprocessors[name] = get_preprocessor(name)
+        return self._preprocessors[name](image)
+
+    def check_all(self) -> None:
+        """Decode every image once before training, so a bad file fails before any work.
+
+        Raises:
+            UserError: naming the first file that cannot be read.
+        """
+        for record in self.records:
+            for source in (record.image, record.condition, record.reference):
+                if source is not None and not isinstance(source, np.ndarray):
+                    load_rgb(source)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of samples into a batch (captions stay a list of strings).
+
+    Args:
+        samples: items from :class:`TrainingSet`.
+    """
+    batch: dict[str, Any] = {"caption": [s["caption"] for s in samples]}
+    for key in ("pixel_values", "condition", "reference"):
+        if all(key in s for s in samples):
+            batch[key] = torch.stack([s[key] for s in samples])
+    return batch
