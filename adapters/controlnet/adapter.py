@@ -1,0 +1,257 @@
+"""The ControlNet adapter: a trainable copy of the base U-Net's encoder driven by a map.
+
+The branch is diffusers' :class:`~diffusers.ControlNetModel`, built with
+``ControlNetModel.from_unet`` from the base U-Net (encoder + middle block copied, zero
+1x1 convolutions on every output, a hint encoder downsampling the condition map to the
+latent size). It never touches the U-Net: its outputs enter through the U-Net's
+``down_block_additional_residuals`` / ``mid_block_additional_residual`` arguments, so
+LoRA (peft layers inside the U-Net) and IP-Adapter (attention processors) compose with
+it in any order. At step 0 the zero convolutions make every residual exactly zero, so
+the controlled model equals the base bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from condkit.adapters.base import Adapter
+from condkit.adapters.controlnet import formats
+from condkit.adapters.controlnet.branch import check_fits, controlnet_from_unet
+from condkit.adapters.controlnet.config import ControlNetConfig
+from condkit.adapters.controlnet.metrics import condition_edge_f1, mean_edge_scores
+from condkit.errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel
+
+    from condkit.base import BaseModel
+
+
+def to_condition_image(condition: Any, name: str) -> Image.Image:
+    """A condition map given as a path, PIL image or (H, W, 3) uint8 array, as RGB PIL.
+
+    Args:
+        condition: the map.
+        name: the adapter name, for the error message.
+    """
+    if isinstance(condition, Image.Image):
+        return condition.convert("RGB")
+    if isinstance(condition, np.ndarray):
+        return Image.fromarray(np.ascontiguousarray(condition.astype(np.uint8))).convert("RGB")
+    if isinstance(condition, (str, Path)):
+        path = Path(condition)
+        if not path.is_file():
+            raise UserError(f"controlnet {name}: condition map {path}: no such file")
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except OSError as exc:
+            raise UserError(f"controlnet {name}: condition map {path}: not an image ({exc})") from None
+    raise UserError(f"controlnet {name}: condition must be an image file, PIL image or array, got {type(condition).__name__}")
+
+
+class ControlNetAdapter(Adapter):
+    """A ControlNet branch on a base (see the module docstring).
+
+    Args:
+        config: the ControlNet config.
+        name: instance name (several ControlNets on one base need distinct names).
+        controlnet: an existing branch (from :meth:`load`); None builds one on :meth:`attach`.
+    """
+
+    kind = "controlnet"
+    config_class = ControlNetConfig
+
+    def __init__(self, config: ControlNetConfig, name: str = "default", controlnet: ControlNetModel | None = None) -> None:
+        super().__init__(config, name)
+        self.controlnet = controlnet
+        self.scale = float(config.conditioning_scale)
+
+    # ---- attach and detach -------------------------------------------------------
+    def attach(self, base: BaseModel) -> None:
+        """Build the branch from ``base`` (or ``config.init_from``) if there is none yet, and check it fits."""
+        if self.controlnet is None:
+            if self.config.init_from:
+                self.controlnet = formats.read_controlnet(self.config.init_from, base, self.config)
+            else:
+                hint_channels = self.config.hint_channels(base.vae_scale_factor)
+                self.controlnet = controlnet_from_unet(base.unet, hint_channels, self.config)
+        check_fits(self.controlnet, base, self.config.init_from or f"controlnet {self.name}")
+        self.base = base
+
+    def detach(self) -> None:
+        """Forget the base; the U-Net was never modified, so nothing else to undo."""
+        self.base = None
+
+    def set_scale(self, scale: float) -> None:
+        """Set the residual scale (``controlnet_conditioning_scale``; 0 = the base alone)."""
+        self.scale = float(scale)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter of the branch (the base stays locked)."""
+        return list(self._branch().parameters())
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """The branch, which the loop prepares with accelerate and keeps in float32."""
+        return [self._branch()]
+
+    def _branch(self) -> ControlNetModel:
+        if self.controlnet is None:
+            raise RuntimeError(f"controlnet {self.name}: attach it to a base first")
+        return self.controlnet
+
+    # ---- training hooks ----------------------------------------------------------
+    def encode_extras(self, batch: dict[str, Any], base: BaseModel) -> dict[str, torch.Tensor]:
+        """Pass the batch's condition maps through (the hint encoder trains, so nothing to precompute).
+
+        Args:
+            batch: needs ``condition``, (b, C, H, W) float in [0, 1] at image resolution.
+            base: unused.
+        """
+        if "condition" not in batch:
+            raise UserError(
+                f"controlnet {self.name}: the dataset gives no condition maps "
+                "(add conditions/, a condition column, or data.condition_preprocessor)"
+            )
+        return {"condition": batch["condition"]}
+
+    def unet_kwargs(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text_embeds: torch.Tensor,
+        extras: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        """Run the branch and return its residuals for the U-Net call.
+
+        Args:
+            noisy_latents: (b, 4, h, w) noisy latents.
+            timesteps: (b,) timesteps.
+            text_embeds: (b, 77, d) text embeddings (after caption dropout).
+            extras: ``condition``, (b, C, h * f, w * f) float in [0, 1], f the VAE factor.
+        """
+        controlnet = self._branch()
+        condition = extras["condition"]
+        factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+        if tuple(condition.shape[-2:]) != tuple(s * factor for s in noisy_latents.shape[-2:]):
+            raise ValueError(
+                f"condition maps {tuple(condition.shape[-2:])} do not match latents {tuple(noisy_latents.shape[-2:])} x {factor}"
+            )
+        dtype = controlnet.dtype
+        down, mid = controlnet(
+            noisy_latents.to(dtype),
+            timesteps,
+            encoder_hidden_states=text_embeds.to(dtype),
+            controlnet_cond=condition.to(device=noisy_latents.device, dtype=dtype),
+            conditioning_scale=self.scale,
+            return_dict=False,
+        )
+        # down: one (b, c_i, h_i, w_i) residual per U-Net skip connection; mid: (b, c, h/2^k, w/2^k)
+        return {
+            "down_block_additional_residuals": [r.to(noisy_latents.dtype) for r in down],
+            "mid_block_additional_residual": mid.to(noisy_latents.dtype),
+        }
+
+    # ---- inference hooks ---------------------------------------------------------
+    def pipeline_components(self) -> dict[str, Any]:
+        """``{"controlnet": branch}`` for ``StableDiffusionControlNetPipeline``."""
+        return {"controlnet": self._branch()}
+
+    def pipeline_call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The pipeline arguments for this branch.
+
+        Args:
+            inputs: ``condition`` (a map: path, PIL image or array; required), optional
+                ``preprocessor`` (a registered name: ``condition`` is then an image whose
+                map is computed), and overrides ``conditioning_scale``, ``guess_mode``,
+                ``control_guidance_start``, ``control_guidance_end``.
+        """
+        if inputs.get("condition") is None:
+            raise UserError(f"controlnet {self.name}: needs a condition map (generate --condition FILE)")
+        condition = to_condition_image(inputs["condition"], self.name)
+        if inputs.get("preprocessor"):
+            from condkit.preprocessors import get_preprocessor
+
+            condition = Image.fromarray(get_preprocessor(inputs["preprocessor"])(condition))
+        return {
+            "image": condition,
+            "controlnet_conditioning_scale": float(inputs.get("conditioning_scale", self.scale)),
+            "guess_mode": bool(inputs.get("guess_mode", self.config.guess_mode)),
+            "control_guidance_start": float(inputs.get("control_guidance_start", self.config.control_guidance_start)),
+            "control_guidance_end": float(inputs.get("control_guidance_end", self.config.control_guidance_end)),
+        }
+
+    # ---- validation --------------------------------------------------------------
+    def validate(self, base: BaseModel, validation_config: Any, step: int) -> tuple[list[list[Image.Image]], dict[str, float]]:
+        """Sample on fixed condition maps; rows are (condition | output), metrics the edge fidelity.
+
+        Args:
+            base: the base the branch is attached to.
+            validation_config: the recipe's ``validation`` block: ``prompts``, ``images``
+                (condition-map files; held-out shapes-world maps when empty),
+                ``num_inference_steps``, ``guidance_scale``.
+            step: the training step (unused: the maps and seed are fixed so steps compare).
+        """
+        from condkit.adapters.controlnet.generate import generate_controlled, validation_pairs
+
+        prompts, conditions = validation_pairs(validation_config, base.resolution)
+        outputs = generate_controlled(
+            base,
+            [self],
+            prompts,
+            [{"condition": c} for c in conditions],
+            num_inference_steps=int(getattr(validation_config, "num_inference_steps", 20)),
+            guidance_scale=float(getattr(validation_config, "guidance_scale", 3.0)),
+            seed=0,
+        )
+        rows = [[to_condition_image(c, self.name), out] for c, out in zip(conditions, outputs)]
+        metrics: dict[str, float] = {}
+        if self.config.fidelity_metric == "edge_f1":
+            scores = [condition_edge_f1(np.asarray(c), np.asarray(o), self.config.edge_tolerance) for c, o in zip(conditions, outputs)]
+            metrics = mean_edge_scores(scores)
+        return rows, metrics
+
+    # ---- persistence -------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Write ``out_dir/controlnet/`` (``config.json`` + ``diffusion_pytorch_model.safetensors``).
+
+        ``ControlNetModel.from_pretrained(out_dir / "controlnet")`` loads it in a plain
+        diffusers install; ``condkit_adapter.json`` beside the weights records the
+        condkit config and the base fingerprint.
+        """
+        base_fingerprint = self.base.fingerprint() if self.base is not None else None
+        return formats.write_diffusers_folder(
+            self._branch(), Path(out_dir) / formats.EXPORT_SUBFOLDER, self.config, base_fingerprint
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, base: BaseModel, name: str = "default") -> ControlNetAdapter:
+        """Load a ControlNet (condkit output folder, diffusers folder, or original
+        ``control_*`` single file) and attach it to ``base``.
+
+        Args:
+            path: the folder or file.
+            base: the base to attach to; also gives the local config for single files.
+            name: instance name.
+        """
+        config = formats.read_condkit_config(path) or ControlNetConfig()
+        controlnet = formats.read_controlnet(path, base, config)
+        adapter = cls(config, name=name, controlnet=controlnet)
+        check_fits(controlnet, base, str(path))
+        adapter.base = base
+        return adapter
+
+    @classmethod
+    def can_load(cls, path: str | Path) -> bool:
+        """Whether ``path`` is a ControlNet folder or an original ControlNet file."""
+        return formats.detect_format(path) is not None
+
+    @classmethod
+    def describe(cls, path: str | Path) -> dict[str, Any]:
+        """Format, conditioning and architecture of a ControlNet file or folder."""
+        return {"kind": cls.kind, **formats.describe(path)}
