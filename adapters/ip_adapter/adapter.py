@@ -309,23 +309,24 @@ class IPAdapter(Adapter):
         return {"image_encoder": self.image_encoder, "feature_extractor": self.feature_extractor}
 
     def pipeline_call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """``ip_adapter_image`` from the generate inputs.
+        """``ip_adapter_image`` (or precomputed ``ip_adapter_image_embeds``) for the pipeline.
 
         Args:
-            inputs: ``reference`` (a path, PIL image, or a list of them: several
-                reference images, their tokens side by side) or precomputed
-                ``ip_adapter_image_embeds``.
+            inputs: ``ip_images``: reference images (PIL images or paths). condkit attaches
+                one IP-Adapter per base, so all of them are this adapter's references;
+                several give their image tokens side by side (diffusers concatenates
+                them). Or ``ip_adapter_image_embeds``: a list as diffusers takes it.
 
         Raises:
             UserError: no reference image was given.
         """
         if inputs.get("ip_adapter_image_embeds") is not None:
             return {"ip_adapter_image_embeds": inputs["ip_adapter_image_embeds"]}
-        reference = inputs.get("reference", inputs.get("ip_adapter_image"))
-        if reference is None or (isinstance(reference, (list, tuple)) and not reference):
-            raise UserError(f"IP-Adapter {self.name!r}: needs a reference image (--reference PATH)")
-        images = [_open_image(item) for item in reference] if isinstance(reference, (list, tuple)) else _open_image(reference)
-        return {"ip_adapter_image": [images]}  # one entry per IP-Adapter
+        references = [_open_image(item) for item in inputs.get("ip_images") or []]
+        if not references:
+            raise UserError(f"IP-Adapter {self.name!r}: needs a reference image (--ip-image PATH)")
+        # One entry per IP-Adapter; a list inside it = several images for that adapter.
+        return {"ip_adapter_image": [references[0] if len(references) == 1 else references]}
 
     def validate(self, base, validation_config, step: int):
         """Sample fixed reference images and measure how much of them the output keeps.
