@@ -44,11 +44,12 @@ class Record:
     condition_preprocessor: str = ""
 
 
-def find_records(data, adapter_cls=None) -> list[Record]:
+def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
     """List the samples a recipe's ``data`` section describes.
 
     Args:
         data: a :class:`condkit.train.config.DataConfig`.
+        seed: the recipe seed (the shapes world is drawn from it).
         adapter_cls: the adapter kind being trained; its ``find_records(data)`` class
             method, if it has one and returns a list, takes precedence.
 
@@ -56,9 +57,7 @@ def find_records(data, adapter_cls=None) -> list[Record]:
         UserError: the folder is missing or holds no images.
     """
     if data.path == "shapes":
-        from condkit.train.shapes_world import shapes_records
-
-        records = shapes_records(data.shapes_count, seed=0)
+        records = _shapes_records(data.shapes_count, seed)
     else:
         root = Path(data.path)
         if not data.path or not root.is_dir():
@@ -74,6 +73,16 @@ def find_records(data, adapter_cls=None) -> list[Record]:
     if data.condition_preprocessor:
         records = [r if r.condition is not None else dataclasses.replace(r, condition_preprocessor=data.condition_preprocessor) for r in records]
     return records * data.repeats
+
+
+def _shapes_records(count: int, seed: int) -> list[Record]:
+    """The built-in shapes world in memory: image, caption, Canny map, reference pair."""
+    from condkit.train.shapes_world import ShapesWorld
+
+    return [
+        Record(image=s.image, caption=s.caption, condition=s.condition, reference=s.reference)
+        for s in ShapesWorld(seed=seed).batch(0, count)
+    ]
 
 
 def list_images(root: Path) -> list[Path]:

@@ -65,7 +65,7 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
     base = load_base(recipe.base, recipe.base_config or None)
     base.to(device, dtype=weight_dtype)
     frozen_adapters = [load_adapter(path, base) for path in recipe.frozen_adapters]
-    records = find_records(data_cfg, get_adapter_class(recipe.adapter.kind))
+    records = find_records(data_cfg, get_adapter_class(recipe.adapter.kind), recipe.seed)
     class_records = prior_records(data_cfg, base, output_dir, recipe.seed) if data_cfg.prior_prompt else []
     adapter_cls = get_adapter_class(recipe.adapter.kind)
     adapter = adapter_cls(recipe.adapter.config, name="default")
