@@ -166,20 +166,29 @@ class ControlNetAdapter(Adapter):
         """The pipeline arguments for this branch.
 
         Args:
-            inputs: ``condition`` (a map: path, PIL image or array; required), optional
-                ``preprocessor`` (a registered name: ``condition`` is then an image whose
-                map is computed), and overrides ``conditioning_scale``, ``guess_mode``,
+            inputs: the generate inputs: ``control_images`` (one map per ControlNet, in
+                adapter order; path, PIL image or array) and ``index`` (this adapter's
+                position among the ControlNets), or ``condition`` (this branch's map);
+                optional ``preprocessor`` (the map is then computed from the given image)
+                and overrides ``conditioning_scale``, ``guess_mode``,
                 ``control_guidance_start``, ``control_guidance_end``.
         """
-        if inputs.get("condition") is None:
-            raise UserError(f"controlnet {self.name}: needs a condition map (generate --condition FILE)")
-        condition = to_condition_image(inputs["condition"], self.name)
+        condition = inputs.get("condition")
+        if condition is None:
+            maps, index = inputs.get("control_images") or [], int(inputs.get("index", 0))
+            if index >= len(maps):
+                raise UserError(
+                    f"controlnet {self.name}: no condition map for ControlNet number {index + 1} "
+                    f"({len(maps)} given; pass one --control-image per ControlNet, in --adapter order)"
+                )
+            condition = maps[index]
+        image = to_condition_image(condition, self.name)
         if inputs.get("preprocessor"):
             from condkit.preprocessors import get_preprocessor
 
-            condition = Image.fromarray(get_preprocessor(inputs["preprocessor"])(condition))
+            image = Image.fromarray(get_preprocessor(inputs["preprocessor"])(image))
         return {
-            "image": condition,
+            "image": image,
             "controlnet_conditioning_scale": float(inputs.get("conditioning_scale", self.scale)),
             "guess_mode": bool(inputs.get("guess_mode", self.config.guess_mode)),
             "control_guidance_start": float(inputs.get("control_guidance_start", self.config.control_guidance_start)),
@@ -204,10 +213,10 @@ class ControlNetAdapter(Adapter):
             base,
             [self],
             prompts,
-            [{"condition": c} for c in conditions],
-            num_inference_steps=int(getattr(validation_config, "num_inference_steps", 20)),
-            guidance_scale=float(getattr(validation_config, "guidance_scale", 3.0)),
-            seed=0,
+            [[c] for c in conditions],
+            num_inference_steps=validation_config.num_inference_steps,
+            guidance_scale=validation_config.guidance_scale,
+            seed=validation_config.seed,
         )
         rows = [[to_condition_image(c, self.name), out] for c, out in zip(conditions, outputs)]
         metrics: dict[str, float] = {}
@@ -215,6 +224,13 @@ class ControlNetAdapter(Adapter):
             scores = [condition_edge_f1(np.asarray(c), np.asarray(o), self.config.edge_tolerance) for c, o in zip(conditions, outputs)]
             metrics = mean_edge_scores(scores)
         return rows, metrics
+
+    @classmethod
+    def find_records(cls, data: Any) -> list:
+        """Training records for ``data.path`` in any ControlNet layout (see :mod:`.data`)."""
+        from condkit.adapters.controlnet.data import find_pair_records
+
+        return find_pair_records(data)
 
     # ---- persistence -------------------------------------------------------------
     def save(self, out_dir: str | Path) -> list[Path]:

@@ -1,0 +1,270 @@
+"""ControlNet training data: pairs of images and condition maps, in four layouts.
+
+:func:`find_pair_records` reads a ``data.path`` folder (first match wins):
+
+(c) **fill50k**: ``prompt.json``, one JSON object per line with ``source`` (the
+    condition map), ``target`` (the image) and ``prompt``, paths relative to the folder;
+(b) **metadata.jsonl**: one object per line; image column ``file_name`` or ``image``,
+    condition column ``condition_file_name``, ``conditioning_image`` or ``condition``,
+    caption column ``text``, ``caption`` or ``prompt``;
+(a) **images/ + conditions/**: maps matched to images by file stem; captions from a
+    same-stem ``.txt`` beside the image, else ``data.caption``;
+(d) **images only** plus ``data.condition_preprocessor`` (any registered preprocessor):
+    maps are computed once at the image's size and cached on disk (see
+    :func:`cached_condition`), so later runs reuse them. In (a)-(c) a missing map is
+    also computed when a preprocessor is set.
+
+A missing condition (no preprocessor set) or a map whose size differs from its image
+raises a one-line :class:`UserError` naming the files; nothing is silently skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from condkit.errors import UserError
+from condkit.io import atomic_path
+
+IMAGE_COLUMNS = ("file_name", "image")
+CONDITION_COLUMNS = ("condition_file_name", "conditioning_image", "condition")
+CAPTION_COLUMNS = ("text", "caption", "prompt")
+CACHE_ENV = "CONDKIT_CACHE_DIR"
+
+
+def find_pair_records(data: Any) -> list:
+    """Records (image, condition, caption) for a ControlNet ``data`` section.
+
+    Args:
+        data: a :class:`condkit.train.config.DataConfig` (``path``, ``caption``,
+            ``condition_preprocessor``).
+
+    Returns:
+        :class:`condkit.train.data.Record` objects whose ``condition`` is a file.
+
+    Raises:
+        UserError: no layout matches, or a condition is missing or of the wrong size.
+    """
+    root = Path(data.path)
+    if not root.is_dir():
+        raise UserError(f"data.path {data.path!r}: no such folder")
+    preprocessor = data.condition_preprocessor or ""
+    if (root / "prompt.json").is_file():
+        pairs = fill50k_pairs(root)
+    elif (root / "metadata.jsonl").is_file():
+        pairs = metadata_pairs(root, data.caption)
+    elif (root / "images").is_dir():
+        pairs = folder_pairs(root, data.caption, preprocessor)
+    else:
+        pairs = images_only_pairs(root, data.caption, preprocessor)
+    return [make_record(image, condition, caption, preprocessor) for image, condition, caption in pairs]
+
+
+def make_record(image: Path, condition: Path | None, caption: str, preprocessor: str):
+    """One checked training record; computes (and caches) a missing map with ``preprocessor``.
+
+    Args:
+        image: the image file.
+        condition: its condition map, or None.
+        caption: its caption.
+        preprocessor: preprocessor name for a missing map ('' = a missing map is an error).
+    """
+    from condkit.train.data import Record
+
+    if condition is None:
+        if not preprocessor:
+            raise UserError(f"{image}: no condition map for this image (give one, or set data.condition_preprocessor)")
+        condition = cached_condition(image, preprocessor)
+    elif not condition.is_file():
+        raise UserError(f"{condition}: condition map for {image} does not exist")
+    check_same_size(image, condition)
+    return Record(image=image, caption=caption, condition=condition)
+
+
+def fill50k_pairs(root: Path) -> list[tuple[Path, Path | None, str]]:
+    """Layout (c): ``prompt.json`` lines with ``source``, ``target``, ``prompt``.
+
+    Args:
+        root: the dataset folder.
+    """
+    pairs = []
+    for number, row in _json_lines(root / "prompt.json"):
+        try:
+            source, target = row["source"], row["target"]
+        except KeyError as exc:
+            raise UserError(f"{root / 'prompt.json'}:{number}: missing key {exc.args[0]!r} (need source, target, prompt)") from None
+        image = root / target
+        if not image.is_file():
+            raise UserError(f"{root / 'prompt.json'}:{number}: target image {target!r} does not exist")
+        pairs.append((image, root / source, str(row.get("prompt", ""))))
+    return pairs
+
+
+def metadata_pairs(root: Path, default_caption: str) -> list[tuple[Path, Path | None, str]]:
+    """Layout (b): ``metadata.jsonl`` with image, condition and caption columns.
+
+    Args:
+        root: the dataset folder.
+        default_caption: caption for rows without one.
+    """
+    pairs = []
+    path = root / "metadata.jsonl"
+    for number, row in _json_lines(path):
+        image_name = _first_of(row, IMAGE_COLUMNS)
+        if not image_name:
+            raise UserError(f"{path}:{number}: needs an image column ({' or '.join(IMAGE_COLUMNS)})")
+        image = root / image_name
+        if not image.is_file():
+            raise UserError(f"{path}:{number}: image {image_name!r} does not exist")
+        condition_name = _first_of(row, CONDITION_COLUMNS)
+        caption = _first_of(row, CAPTION_COLUMNS) or default_caption
+        pairs.append((image, root / condition_name if condition_name else None, str(caption)))
+    return pairs
+
+
+def folder_pairs(root: Path, default_caption: str, preprocessor: str) -> list[tuple[Path, Path | None, str]]:
+    """Layout (a): ``images/`` and ``conditions/`` matched by file stem.
+
+    Args:
+        root: the dataset folder.
+        default_caption: caption for images without a same-stem ``.txt``.
+        preprocessor: when set, ``conditions/`` may be absent or incomplete.
+    """
+    from condkit.train.data import list_images
+
+    images = list_images(root / "images")
+    if not images:
+        raise UserError(f"{root / 'images'}: no images found")
+    conditions_dir = root / "conditions"
+    if not conditions_dir.is_dir() and not preprocessor:
+        raise UserError(f"{root}: has images/ but no conditions/ folder (add the maps, or set data.condition_preprocessor)")
+    by_stem = {p.relative_to(conditions_dir).with_suffix(""): p for p in list_images(conditions_dir)} if conditions_dir.is_dir() else {}
+    pairs = []
+    for image in images:
+        stem = image.relative_to(root / "images").with_suffix("")
+        condition = by_stem.get(stem)
+        if condition is None and not preprocessor:
+            raise UserError(f"{image}: no condition map {conditions_dir / stem}.* (matched by file stem)")
+        pairs.append((image, condition, _caption_beside(image, default_caption)))
+    return pairs
+
+
+def images_only_pairs(root: Path, default_caption: str, preprocessor: str) -> list[tuple[Path, Path | None, str]]:
+    """Layout (d): every image below ``root``, maps from ``preprocessor``.
+
+    Args:
+        root: the dataset folder.
+        default_caption: caption for images without a same-stem ``.txt``.
+        preprocessor: required here.
+    """
+    from condkit.train.data import list_images
+
+    if not preprocessor:
+        raise UserError(
+            f"data.path {str(root)!r}: no condition maps (use images/ + conditions/, metadata.jsonl with a condition "
+            "column, fill50k's prompt.json, or set data.condition_preprocessor)"
+        )
+    images = list_images(root)
+    if not images:
+        raise UserError(f"data.path {str(root)!r}: no images found")
+    return [(image, None, _caption_beside(image, default_caption)) for image in images]
+
+
+def cache_root() -> Path:
+    """Where computed condition maps are cached: ``$CONDKIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/condkit``, else ``~/.cache/condkit`` (never inside the dataset)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "condkit"
+
+
+def cached_condition(image: Path, preprocessor: str) -> Path:
+    """The condition map of ``image`` made by ``preprocessor``, computed once and cached.
+
+    The cache key is the preprocessor name and the image's bytes (SHA-256), so an
+    edited image gets a new map and a renamed one reuses its old map.
+
+    Args:
+        image: the image file.
+        preprocessor: a registered preprocessor name (with its default options).
+    """
+    from condkit.preprocessors import get_preprocessor
+
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    cached = cache_root() / "conditions" / preprocessor / f"{digest}.png"
+    if not cached.is_file():
+        condition = get_preprocessor(preprocessor).from_file(image)  # (H, W, 3) uint8 at the image's size
+        with atomic_path(cached) as tmp:
+            Image.fromarray(condition).save(tmp, format="PNG")
+    return cached
+
+
+def check_same_size(image: Path, condition: Path) -> None:
+    """Raise unless the map has the image's size (read from the headers only).
+
+    Args:
+        image: the image file.
+        condition: its condition map.
+    """
+    image_size, condition_size = _image_size(image), _image_size(condition)
+    if image_size != condition_size:
+        raise UserError(
+            f"{condition}: condition map is {condition_size[0]}x{condition_size[1]} px but its image {image} "
+            f"is {image_size[0]}x{image_size[1]} px"
+        )
+
+
+def read_condition_map(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """A condition map file as (H, W, 3) uint8, resized to ``size`` = (H, W) (nearest).
+
+    Args:
+        path: the map file.
+        size: target (height, width).
+    """
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"{path}: cannot read condition map ({exc})") from None
+    if rgb.size != (size[1], size[0]):
+        # Nearest keeps thin edge maps binary (bilinear would grey them).
+        rgb = rgb.resize((size[1], size[0]), Image.Resampling.NEAREST)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size  # (width, height); decoding is left to the dataset
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"{path}: cannot read image ({exc})") from None
+
+
+def _json_lines(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}:{number}: not a JSON object") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: not a JSON object")
+        rows.append((number, row))
+    return rows
+
+
+def _first_of(row: dict, columns: tuple[str, ...]) -> Any:
+    return next((row[c] for c in columns if row.get(c)), None)
+
+
+def _caption_beside(image: Path, default_caption: str) -> str:
+    caption_file = image.with_suffix(".txt")
+    return caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else default_caption
