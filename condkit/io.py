@@ -37,15 +37,21 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     On an exception the temporary file is removed and ``final`` is left untouched.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise UserError(f"{final}: cannot write ({exc.strerror or exc})") from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:  # flush to disk before the rename
             os.fsync(handle.fileno())
         os.replace(tmp_path, final)
+    except OSError as exc:  # e.g. a full disk: the previous file under `final` is untouched
+        tmp_path.unlink(missing_ok=True)
+        raise UserError(f"{final}: cannot write ({exc.strerror or exc}); any previous version is untouched") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

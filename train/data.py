@@ -68,6 +68,11 @@ def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
             records = _records_from_metadata(root, data.caption) if (root / "metadata.jsonl").is_file() else _records_from_folder(root, data.caption)
     if not records:
         raise UserError(f"data.path {data.path!r}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    uncaptioned = next((r for r in records if not r.caption), None)
+    if uncaptioned is not None:
+        raise UserError(
+            f"{uncaptioned.image}: no caption (no same-name .txt file or metadata.jsonl text) and data.caption is empty"
+        )
     if data.reference:
         records = _attach_references(records, Path(data.reference))
     if data.condition_preprocessor:

@@ -11,6 +11,7 @@ validate, log. Every random draw of step ``s`` comes from generators seeded by
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from condkit.errors import UserError
+from condkit.io import write_json_atomic
 from condkit.train import checkpoint as ckpt
 from condkit.train.cache import EncodedSet, encode_dataset
 from condkit.train.data import TrainingSet, collate, find_records
@@ -40,7 +42,7 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
         The output folder.
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, gather_object
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
 
@@ -53,6 +55,9 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
     accelerator = Accelerator(
+        # cpu=True on machines without an accelerator, so that a multi-process launch
+        # (torchrun / accelerate launch --multi_gpu) uses gloo instead of running single.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -63,7 +68,8 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
     # ---- the base, frozen; the adapter to train; frozen adapters for composition ----
     torch.manual_seed(recipe.seed)  # adapter initialisation (e.g. LoRA A matrices)
     base = load_base(recipe.base, recipe.base_config or None)
-    base.to(device, dtype=weight_dtype)
+    if device.type != "cpu" or weight_dtype != torch.float32:  # a no-op .to() still makes diffusers warn
+        base.to(device, dtype=weight_dtype)
     frozen_adapters = [load_adapter(path, base) for path in recipe.frozen_adapters]
     records = find_records(data_cfg, get_adapter_class(recipe.adapter.kind), recipe.seed)
     class_records = prior_records(data_cfg, base, output_dir, recipe.seed) if data_cfg.prior_prompt else []
@@ -121,7 +127,7 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
         accelerator.init_trackers("condkit")
 
     progress = _progress_bar(cfg.max_steps, start_step, enabled=show_progress and is_main)
-    window_loss, window_start, skipped = [], time.perf_counter(), 0
+    window_loss, window_start, skipped, started = [], time.perf_counter(), 0, time.perf_counter()
     for step in range(start_step, cfg.max_steps):
         for micro in range(cfg.gradient_accumulation_steps):
             # Everything random in this micro-step comes from (seed, step, micro, rank).
@@ -195,7 +201,21 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
 
     # ---- the result: the adapter in its export formats, and a last validation grid ----
     accelerator.wait_for_everyone()
+    rank_digests = gather_object([_parameter_digest(params)])  # every rank must hold the same weights
     if is_main:
+        write_json_atomic(
+            output_dir / "run.json",
+            {
+                "kind": recipe.adapter.kind,
+                "recipe": recipe.source,
+                "steps": cfg.max_steps,
+                "resumed_from_step": start_step,
+                "world_size": world,
+                "skipped_steps": skipped,
+                "seconds": round(time.perf_counter() - started, 2),
+                "parameter_digest_per_rank": rank_digests,
+            },
+        )
         base.unet.eval()
         for module in adapter.trainable_modules():
             module.eval()
@@ -204,6 +224,14 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
             _validate(adapter, base, recipe, output_dir, cfg.max_steps, accelerator)
     accelerator.end_training()
     return output_dir
+
+
+def _parameter_digest(params: list[torch.nn.Parameter]) -> str:
+    """SHA-256 of the trainable parameters' bytes (to compare ranks)."""
+    digest = hashlib.sha256()
+    for param in params:
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:

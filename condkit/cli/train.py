@@ -42,5 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     train(recipe, output, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
-    print(f"condkit: trained {recipe.adapter.kind} in {time.perf_counter() - started:.0f} s; outputs in {output.resolve()}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"condkit: trained {recipe.adapter.kind} in {time.perf_counter() - started:.0f} s; outputs in {output.resolve()}")
     return 0
