@@ -9,7 +9,8 @@ from condkit.errors import UserError
 from condkit.train.config import load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p not in ACCELERATE_CONFIGS)
 
 
 def test_there_are_recipes():
@@ -73,3 +74,12 @@ def test_configs_are_frozen():
 
 def test_shipped_recipe_found_by_name():
     assert load_recipe("lora-few-images").adapter.kind == "lora"
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert path.read_text().startswith("# accelerate launch --config_file recipes/accelerate/")
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2

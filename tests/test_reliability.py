@@ -17,6 +17,7 @@ from PIL import Image
 from condkit.errors import UserError
 from condkit.io import atomic_path, load_state_dict
 
+REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -127,9 +128,9 @@ def test_two_process_training_keeps_ranks_identical(lora_recipe, tmp_path):
 
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-         "-m", "condkit", "train", str(lora_recipe), "--output", str(out), "--no-progress", "--set", "train.max_steps=6"],
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/two-process-cpu.yaml"),
+         "--main_process_port", "29533", "-m", "condkit", "train", str(lora_recipe), "--output", str(out), "--no-progress",
+         "--set", "train.max_steps=6"],
         env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

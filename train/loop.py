@@ -62,6 +62,11 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        raise UserError(
+            f"{accelerator.distributed_type.name} is not supported yet: condkit averages adapter gradients itself; "
+            "use a multi-process (DDP) config such as recipes/accelerate/multi-gpu.yaml"
+        )
     device, is_main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
