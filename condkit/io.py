@@ -15,11 +15,12 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from condkit.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled, so `condkit preprocess` stays light
+    import torch
 
 # A safetensors header larger than this is refused before it is read: real headers are
 # a few MB at most (SDXL: ~0.2 MB), so a bigger claim is a corrupt or hostile file.
@@ -28,11 +29,14 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pth", ".pt")
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` on success.
 
     Args:
         final: where the file should end up. Its folder is created if missing.
+        durable: fsync the data before the rename, so even a power loss cannot leave an
+            empty file under ``final``. Without it the rename still protects against an
+            interrupted process (use for outputs that are cheap to remake, e.g. maps).
 
     On an exception the temporary file is removed and ``final`` is left untouched.
     """
@@ -46,8 +50,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as handle:  # flush to disk before the rename
-            os.fsync(handle.fileno())
+        if durable:
+            with open(tmp_path, "rb+") as handle:  # flush to disk before the rename
+                os.fsync(handle.fileno())
         os.replace(tmp_path, final)
     except OSError as exc:  # e.g. a full disk: the previous file under `final` is untouched
         tmp_path.unlink(missing_ok=True)
@@ -89,7 +94,7 @@ def write_json_atomic(final: str | os.PathLike, obj: object) -> None:
 
 
 def save_safetensors_atomic(
-    tensors: dict[str, torch.Tensor], final: str | os.PathLike, metadata: dict[str, str] | None = None
+    tensors: dict[str, "torch.Tensor"], final: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     """Save a state dict as safetensors, atomically.
 
@@ -152,7 +157,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(check_safetensors_header(path).get("__metadata__") or {})
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
     """Load tensors from a weight file, safely.
 
     Args:
@@ -178,6 +183,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises its own types for corrupt data
             raise UserError(f"{path}: cannot read safetensors ({exc})") from None
     if path.suffix in PICKLE_SUFFIXES:
+        import torch
+
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -187,7 +194,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise UserError(f"{path}: unknown weight file type {path.suffix!r} (use .safetensors, .bin, .ckpt or .pth)")
 
 
-def _flatten(obj: object, path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+def _flatten(obj: object, path: Path, prefix: str = "") -> dict[str, "torch.Tensor"]:
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return {prefix[:-1]: obj}
     if isinstance(obj, dict):

@@ -71,7 +71,7 @@ def write_png(final: str | os.PathLike, rgb: np.ndarray) -> None:
         final: destination ``.png``.
         rgb: ``(H, W, 3) uint8``.
     """
-    with atomic_path(final) as tmp:
+    with atomic_path(final, durable=False) as tmp:  # maps are cheap to remake; skip fsync
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if not ok:
             raise OSError(f"{final}: PNG encoding failed")
