@@ -170,13 +170,29 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> BaseModel
 
     if path.suffix == ".safetensors":
         check_safetensors_header(path)
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     try:
         # diffusers reads .ckpt with torch.load(weights_only=True) on current torch.
+        # image_encoder=None: diffusers only looks for diffusers-named weight files in the
+        # config folder, so a transformers CLIP vision encoder there would fail to load;
+        # _from_pipeline loads it from the config folder instead.
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, safety_checker=None, requires_safety_checker=False
+            str(path),
+            config=str(config),
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+            image_encoder=None,
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"{path}: cannot load as an SD checkpoint with config {config} ({_first_line(exc)})") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as exc:
+        # diffusers raises OSError when the file itself cannot be read; for a pickle that
+        # includes torch.load(weights_only=True) refusing anything but tensors.
+        unreadable_pickle = isinstance(exc, OSError) and path.suffix == ".ckpt"
+        why = "; .ckpt is read weights-only, pickled objects are refused" if unreadable_pickle else ""
+        raise UserError(
+            f"{path}: cannot load as an SD checkpoint with config {config} ({_first_line(exc)}{why})"
+        ) from None
     return _from_pipeline(pipe, str(path), Path(config))
 
 
