@@ -1,0 +1,94 @@
+"""Section 4: inference overhead of each adapter against the bare base, at equal steps.
+
+Five pipelines on copies of one base, each called with the same prompt, seed, size,
+number of steps and guidance, interleaved; the figure is each adapter's median time
+over the bare base's. Pipelines come from :func:`condkit.generate.build_pipeline`, as
+``condkit generate`` builds them. The LoRA gets random (non-zero) B matrices so that it
+really computes; fused means merged into the base weights (``LoraAdapter.fuse``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from harness import Row, interleaved, median, ratio_row
+
+PROMPT = "a red circle on a blue background"
+
+
+def _randomize_lora(adapter) -> None:
+    """Non-zero B matrices (a fresh LoRA's B is zero), so the layers do real work."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adapter.trainable_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+
+
+def _pipelines(base, size: int) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """name -> (pipeline, call kwargs) for the bare base and each adapter setting."""
+    from PIL import Image
+
+    from condkit.adapters.controlnet import ControlNetAdapter, ControlNetConfig
+    from condkit.adapters.ip_adapter import IPAdapter, IPAdapterConfig
+    from condkit.adapters.lora import LoraAdapter, LoraConfig
+    from condkit.generate import build_pipeline
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    inputs = {"control_images": [picture], "ip_images": [picture]}
+    out = {"bare base": build_pipeline(base, [], inputs)}
+    for name in ("LoRA, fused", "LoRA, unfused"):
+        copy_ = copy.deepcopy(base)
+        lora = LoraAdapter(LoraConfig(rank=4))
+        lora.attach(copy_)
+        _randomize_lora(lora)
+        if name == "LoRA, fused":
+            lora.fuse()
+        out[name] = build_pipeline(copy_, [lora], inputs)
+    copy_ = copy.deepcopy(base)
+    controlnet = ControlNetAdapter(ControlNetConfig())
+    controlnet.attach(copy_)
+    out["ControlNet"] = build_pipeline(copy_, [controlnet], inputs)
+    copy_ = copy.deepcopy(base)
+    ip_adapter = IPAdapter(IPAdapterConfig())
+    ip_adapter.attach(copy_)
+    out["IP-Adapter"] = build_pipeline(copy_, [ip_adapter], inputs)
+    for pipeline, _ in out.values():
+        pipeline.set_progress_bar_config(disable=True)
+    return out
+
+
+def _generate(pipeline, kwargs: dict[str, Any], steps: int, size: int) -> Callable[[], None]:
+    def call() -> None:
+        pipeline(
+            PROMPT,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            height=size,
+            width=size,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
+
+    return call
+
+
+def run(quick: bool) -> list[Row]:
+    """Section 4 on the embedded base."""
+    from condkit.base import load_base
+
+    steps, repetitions = (2, 1) if quick else (20, 5)
+    base = load_base("embedded")
+    base.freeze()
+    size = base.resolution
+    contenders = {name: _generate(pipe, kwargs, steps, size) for name, (pipe, kwargs) in _pipelines(base, size).items()}
+    times = interleaved(contenders, repetitions, warmup=1)
+    bare = median(times["bare base"])
+    section = "4. Inference overhead against the bare base"
+    note = f"embedded base, {size} px, {steps} steps, CFG 7.5, median of {repetitions}; bare base {bare * 1e3:.0f} ms"
+    limits = {"LoRA, fused": 1.02, "LoRA, unfused": 1.10, "ControlNet": 1.10, "IP-Adapter": 1.10}
+    return [ratio_row(section, f"{name} / bare base", median(times[name]) / bare, limit, note) for name, limit in limits.items()]
