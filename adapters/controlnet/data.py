@@ -187,8 +187,9 @@ def cache_root() -> Path:
 def cached_condition(image: Path, preprocessor: str) -> Path:
     """The condition map of ``image`` made by ``preprocessor``, computed once and cached.
 
-    The cache key is the preprocessor name and the image's bytes (SHA-256), so an
-    edited image gets a new map and a renamed one reuses its old map.
+    The cache key is the preprocessor name and the bytes (SHA-256) of the image and of
+    the keypoint files the ``openpose`` preprocessor reads beside it, so an edited image
+    gets a new map and a renamed one reuses its old map.
 
     Args:
         image: the image file.
@@ -196,8 +197,11 @@ def cached_condition(image: Path, preprocessor: str) -> Path:
     """
     from condkit.preprocessors import get_preprocessor
 
-    digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    cached = cache_root() / "conditions" / preprocessor / f"{digest}.png"
+    digest = hashlib.sha256(image.read_bytes())
+    for sidecar in (image.with_name(f"{image.stem}_keypoints.json"), image.with_suffix(".json")):
+        if sidecar.is_file():
+            digest.update(sidecar.name.encode() + sidecar.read_bytes())
+    cached = cache_root() / "conditions" / preprocessor / f"{digest.hexdigest()}.png"
     if not cached.is_file():
         condition = get_preprocessor(preprocessor).from_file(image)  # (H, W, 3) uint8 at the image's size
         with atomic_path(cached) as tmp:
