@@ -7,12 +7,12 @@ start with ``text_model.`` as in SD checkpoints, whatever the installed transfor
 calls it). Writers turn that back into a file, so conversions are lossless: tensors
 are copied, never recomputed.
 
-* diffusers: ``unet.<path>.lora.down.weight`` / ``.lora.up.weight`` (and
-  ``text_encoder.<path>.lora_linear_layer.down.weight`` ...) as
-  ``StableDiffusionPipeline.save_lora_weights`` writes them, with the peft
-  ``LoraConfig`` (rank, alpha, patterns) in the header under ``lora_adapter_metadata``.
-  peft-style ``lora_A``/``lora_B`` keys and unprefixed ``unet.save_lora_adapter`` files
-  are read too.
+* diffusers: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` and
+  ``text_encoder.<path>.lora_A.weight`` ..., the layout ``pipe.load_lora_weights``
+  reads, with the peft ``LoraConfig`` (rank, alpha, patterns) in the header under
+  ``lora_adapter_metadata``. Older diffusers namings (``lora.down``,
+  ``lora_linear_layer``, ``processor.to_q_lora``) and unprefixed
+  ``unet.save_lora_adapter`` files are read too.
 * kohya (sd-scripts ``networks/lora.py``, A1111, ComfyUI):
   ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (a
   scalar tensor; scale = alpha / rank), ``lora_te_text_model_...`` for the text
@@ -498,12 +498,17 @@ def jsonable(value: Any) -> Any:
 def write_diffusers(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header of ``pytorch_lora_weights.safetensors`` as ``save_lora_weights`` lays them out.
 
-    Written by hand rather than by ``save_lora_weights`` because that writes in place
-    (not atomically) and keeps no other header keys (``ss_*`` would be lost); the layout
-    (``pack_weights`` prefixes, diffusers key names, ``lora_adapter_metadata``) is the same.
+    Keys are ``unet.<module>.lora_A.weight`` / ``text_encoder.text_model.<module>.lora_A.weight``
+    (peft naming, as ``unet.save_lora_adapter`` writes), with the peft ``LoraConfig`` per
+    component in the ``lora_adapter_metadata`` header. Not passed through
+    ``convert_state_dict_to_diffusers``: that renames only the attention projections
+    (``to_q.lora.down``) and leaves conv/ff layers as ``lora_A``, and stock
+    ``load_lora_into_unet`` converts names only when the *first* key lacks ``lora_A``,
+    so a mixed file silently loses either group. Written by hand rather than by
+    ``save_lora_weights`` because that writes in place (not atomically) and keeps no
+    other header keys (``ss_*`` would be lost).
     """
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
 
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
@@ -513,7 +518,7 @@ def write_diffusers(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict
             continue
         if component == TEXT_ENCODER:
             layers = {TEXT_MODEL_PREFIX + k: v for k, v in layers.items()}  # canonical SD naming
-        tensors.update({f"{component}.{k}": v for k, v in convert_state_dict_to_diffusers(layers).items()})
+        tensors.update({f"{component}.{k}": v for k, v in layers.items()})
         config = weights.peft_configs.get(component) or peft_config_kwargs(weights, component) or {}
         packed.update({f"{component}.{k}": v for k, v in config.items()})
     metadata = dict(weights.metadata)
