@@ -41,7 +41,10 @@ UNET_CONFIG = dict(
     block_out_channels=[32, 64, 96],
     layers_per_block=1,
     cross_attention_dim=64,
-    attention_head_dim=8,
+    # diffusers' legacy name: this is the number of heads. One head (of width 32/64)
+    # instead of 8 heads of width 4/8: same parameter shapes, but CPU attention kernels
+    # are 2-3x faster on wide heads, for training and sampling alike.
+    attention_head_dim=1,
     norm_num_groups=16,
 )
 

@@ -1,0 +1,85 @@
+"""Install a trained base as the embedded default, with its provenance.
+
+``python -m condkit.embedded.install runs/base_vae runs/base_unet`` takes the VAE
+stage's folder (``runs/base_vae/base``: trained VAE + the other components) and the
+U-Net run (``runs/base_unet/unet``, written by the ``full_unet`` adapter), and writes
+them as ``condkit/embedded/base/`` (replaced atomically), plus ``provenance.json``
+recording both recipes, seeds, the git commit and the stage timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from condkit.embedded import EMBEDDED_BASE_DIR
+from condkit.errors import UserError
+
+PROVENANCE_FILE = "provenance.json"
+KEPT_FILES = ("TRAINING.md",)  # hand-written notes beside the weights survive a reinstall
+
+
+def _git_commit(repo: Path) -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def install(vae_run: str | Path, unet_run: str | Path, dest: str | Path = EMBEDDED_BASE_DIR) -> Path:
+    """Assemble the trained base into ``dest``.
+
+    Args:
+        vae_run: output folder of ``python -m condkit.train.vae`` (holds ``base/``, ``vae_summary.json``).
+        unet_run: output folder of ``condkit train recipes/base/unet.yaml`` (holds ``unet/``, ``run.json``).
+        dest: the folder to (re)place; default the package's embedded base.
+
+    Returns:
+        ``dest``.
+    """
+    vae_run, unet_run, dest = Path(vae_run), Path(unet_run), Path(dest)
+    for required in (vae_run / "base" / "model_index.json", unet_run / "unet" / "config.json"):
+        if not required.is_file():
+            raise UserError(f"{required}: missing (run the base recipes first; see recipes/base/)")
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(vae_run / "base", tmp, ignore=shutil.ignore_patterns("unet", "__pycache__"))
+    shutil.copytree(unet_run / "unet", tmp / "unet")
+    for name in KEPT_FILES:
+        if (dest / name).is_file():
+            shutil.copy2(dest / name, tmp / name)
+    vae_summary = json.loads((vae_run / "vae_summary.json").read_text())
+    unet_summary = json.loads((unet_run / "run.json").read_text()) if (unet_run / "run.json").is_file() else {}
+    provenance = {
+        "commit": _git_commit(Path(__file__).resolve().parents[2]),
+        "vae_stage": {"recipe": "recipes/base/vae.yaml", **vae_summary},
+        "unet_stage": {"recipe": "recipes/base/unet.yaml", **unet_summary},
+    }
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def main() -> int:
+    """``python -m condkit.embedded.install VAE_RUN UNET_RUN [--dest DIR]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("vae_run")
+    parser.add_argument("unet_run")
+    parser.add_argument("--dest", type=Path, default=EMBEDDED_BASE_DIR)
+    args = parser.parse_args()
+    print(install(args.vae_run, args.unet_run, args.dest))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

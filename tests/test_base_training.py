@@ -1,0 +1,119 @@
+"""Training the embedded base: the VAE stage and the full_unet adapter kind."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from condkit.adapters.full_unet import FullUnetAdapter, FullUnetConfig
+from condkit.adapters.registry import detect_kind, load_adapter
+from condkit.base import load_base
+from condkit.errors import UserError
+from condkit.train.vae import load_vae_recipe, train_vae
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _unet_output(base, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 16, 16, generator=generator)
+    text = torch.randn(2, 77, base.unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return base.unet(latents, torch.tensor([10, 500]), text).sample
+
+
+def _perturb(unet) -> None:
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+
+
+def test_full_unet_trains_every_weight_and_detach_restores_the_base():
+    base = load_base("embedded")
+    before = _unet_output(base)
+    adapter = FullUnetAdapter(FullUnetConfig())
+    adapter.attach(base)
+    params = adapter.trainable_parameters()
+    assert len(params) == len(list(base.unet.parameters())) and all(p.requires_grad for p in params)
+    _perturb(base.unet)
+    assert not torch.equal(_unet_output(base), before)
+    adapter.detach()
+    assert torch.equal(_unet_output(base), before)
+    assert not any(p.requires_grad for p in base.unet.parameters())
+
+
+def test_full_unet_save_load_round_trip_and_scale(tmp_path):
+    base = load_base("embedded")
+    original = _unet_output(base)
+    adapter = FullUnetAdapter()
+    adapter.attach(base)
+    _perturb(base.unet)
+    tuned = _unet_output(base)
+    files = adapter.save(tmp_path / "run")
+    assert all(f.is_file() for f in files)
+    assert json.loads((tmp_path / "run" / "condkit_adapter.json").read_text())["kind"] == "full_unet"
+    assert detect_kind(tmp_path / "run") == "full_unet"
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+    fresh = load_base("embedded")
+    loaded = load_adapter(tmp_path / "run", fresh)
+    assert isinstance(loaded, FullUnetAdapter)
+    assert torch.equal(_unet_output(fresh), tuned)
+    loaded.set_scale(0.0)
+    assert torch.allclose(_unet_output(fresh), original, atol=1e-6)
+    loaded.set_scale(1.0)
+    assert torch.equal(_unet_output(fresh), tuned)
+    # A stock diffusers load of the saved folder gives the same U-Net.
+    from diffusers import UNet2DConditionModel
+
+    stock = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "unet")
+    fresh.unet = stock
+    assert torch.equal(_unet_output(fresh), tuned)
+
+
+def test_full_unet_load_rejects_a_different_architecture(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(load_base("embedded").unet.config)
+    config["cross_attention_dim"] = 32  # same keys, other shapes
+    UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")}).save_pretrained(tmp_path / "unet")
+    with pytest.raises(UserError, match="has shape"):
+        FullUnetAdapter.load(tmp_path, load_base("embedded"))
+    with pytest.raises(UserError, match="no U-Net weights"):
+        FullUnetAdapter.load(tmp_path / "nothing", load_base("embedded"))
+
+
+def test_base_recipes_validate():
+    from condkit.train.config import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "base" / "unet.yaml")
+    assert recipe.adapter.kind == "full_unet" and recipe.data.path == "shapes" and recipe.data.caption_dropout > 0
+    vae = load_vae_recipe(REPO / "recipes" / "base" / "vae.yaml")
+    assert vae.max_steps > 0
+    for path in ("vae.yaml", "unet.yaml"):
+        assert (REPO / "recipes" / "base" / path).read_text().startswith("# ")
+
+
+def test_vae_recipe_rejects_unknown_keys_and_bad_values(tmp_path):
+    bad = tmp_path / "vae.yaml"
+    bad.write_text("max_stepz: 3\n")
+    with pytest.raises(UserError, match="max_stepz"):
+        load_vae_recipe(bad)
+    bad.write_text("learning_rate: -1\n")
+    with pytest.raises(UserError, match="learning_rate"):
+        load_vae_recipe(bad)
+
+
+def test_vae_stage_writes_a_loadable_base_with_latent_scaling(tmp_path):
+    recipe = dataclasses.replace(load_vae_recipe(REPO / "recipes" / "base" / "vae.yaml"), max_steps=3, batch_size=2, scale_samples=8, log_every=1)
+    folder = train_vae(recipe, tmp_path / "vae")
+    base = load_base(str(folder))
+    scaling = base.vae.config.scaling_factor
+    summary = json.loads((tmp_path / "vae" / "vae_summary.json").read_text())
+    assert scaling == pytest.approx(1.0 / summary["latent_std"])
+    assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] == pytest.approx(scaling)
+    assert len((tmp_path / "vae" / "vae_log.jsonl").read_text().splitlines()) == 3
