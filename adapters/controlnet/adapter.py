@@ -32,27 +32,15 @@ if TYPE_CHECKING:
     from condkit.base import BaseModel
 
 
-def to_condition_image(condition: Any, name: str) -> Image.Image:
+def to_condition_image(condition: Any) -> Image.Image:
     """A condition map given as a path, PIL image or (H, W, 3) uint8 array, as RGB PIL.
 
     Args:
-        condition: the map.
-        name: the adapter name, for the error message.
+        condition: the map (files are read like training images: any mode, EXIF applied).
     """
-    if isinstance(condition, Image.Image):
-        return condition.convert("RGB")
-    if isinstance(condition, np.ndarray):
-        return Image.fromarray(np.ascontiguousarray(condition.astype(np.uint8))).convert("RGB")
-    if isinstance(condition, (str, Path)):
-        path = Path(condition)
-        if not path.is_file():
-            raise UserError(f"controlnet {name}: condition map {path}: no such file")
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except OSError as exc:
-            raise UserError(f"controlnet {name}: condition map {path}: not an image ({exc})") from None
-    raise UserError(f"controlnet {name}: condition must be an image file, PIL image or array, got {type(condition).__name__}")
+    from condkit.train.data import load_rgb
+
+    return Image.fromarray(np.ascontiguousarray(load_rgb(condition)))
 
 
 class ControlNetAdapter(Adapter):
@@ -182,7 +170,7 @@ class ControlNetAdapter(Adapter):
                     f"({len(maps)} given; pass one --control-image per ControlNet, in --adapter order)"
                 )
             condition = maps[index]
-        image = to_condition_image(condition, self.name)
+        image = to_condition_image(condition)
         if inputs.get("preprocessor"):
             from condkit.preprocessors import get_preprocessor
 
@@ -218,7 +206,7 @@ class ControlNetAdapter(Adapter):
             guidance_scale=validation_config.guidance_scale,
             seed=validation_config.seed,
         )
-        rows = [[to_condition_image(c, self.name), out] for c, out in zip(conditions, outputs)]
+        rows = [[to_condition_image(c), out] for c, out in zip(conditions, outputs)]
         metrics: dict[str, float] = {}
         if self.config.fidelity_metric == "edge_f1":
             scores = [condition_edge_f1(np.asarray(c), np.asarray(o), self.config.edge_tolerance) for c, o in zip(conditions, outputs)]

@@ -231,15 +231,13 @@ def read_condition_map(path: str | Path, size: tuple[int, int]) -> np.ndarray:
         path: the map file.
         size: target (height, width).
     """
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"{path}: cannot read condition map ({exc})") from None
-    if rgb.size != (size[1], size[0]):
+    from condkit.train.data import load_rgb
+
+    rgb = load_rgb(path)
+    if rgb.shape[:2] != tuple(size):
         # Nearest keeps thin edge maps binary (bilinear would grey them).
-        rgb = rgb.resize((size[1], size[0]), Image.Resampling.NEAREST)
-    return np.asarray(rgb, dtype=np.uint8)
+        rgb = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.Resampling.NEAREST))
+    return rgb
 
 
 def _image_size(path: Path) -> tuple[int, int]:
