@@ -81,14 +81,16 @@ def run(quick: bool) -> list[Row]:
     """Section 4 on the embedded base."""
     from condkit.base import load_base
 
-    steps, repetitions = (2, 1) if quick else (20, 5)
+    from training_steps import QUICK_RESOLUTION
+
+    steps, repetitions = (1, 1) if quick else (10, 4)
     base = load_base("embedded")
     base.freeze()
-    size = base.resolution
+    size = QUICK_RESOLUTION if quick else base.resolution
     contenders = {name: _generate(pipe, kwargs, steps, size) for name, (pipe, kwargs) in _pipelines(base, size).items()}
     times = interleaved(contenders, repetitions, warmup=1)
     bare = median(times["bare base"])
     section = "4. Inference overhead against the bare base"
-    note = f"embedded base, {size} px, {steps} steps, CFG 7.5, median of {repetitions}; bare base {bare * 1e3:.0f} ms"
+    note = f"embedded base, {size} px, {steps} steps, CFG 7.5, VAE decode, median of {repetitions}; bare base {bare * 1e3:.0f} ms"
     limits = {"LoRA, fused": 1.02, "LoRA, unfused": 1.10, "ControlNet": 1.10, "IP-Adapter": 1.10}
     return [ratio_row(section, f"{name} / bare base", median(times[name]) / bare, limit, note) for name, limit in limits.items()]

@@ -1,0 +1,91 @@
+"""condkit's performance suite: one command, one process, ratios and medians.
+
+    python benchmarks/run.py                      # the full suite (< 10 minutes on 2 cores)
+    python benchmarks/run.py --quick              # tiny settings: checks that it runs
+    python benchmarks/run.py --out BENCHMARKS.md  # write the markdown report there
+
+Sections: 1-2 training steps against the standard scripts and the floor, 3 peak
+training memory, 4 inference overhead, 5 adapter load time and preprocessing, 6 scaling
+and the SD 1.5 architecture. Every figure is a ratio or median of interleaved
+repetitions in one process (memory: in a child process); targets are checked and
+listed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SECTIONS = ("training", "memory", "inference", "loading", "scaling")
+
+METHOD = """\
+How to read this: every time is a median of repetitions run interleaved in one
+process (A, B, C, A, B, C, ...) after warm-up, and every figure that matters is a
+ratio of two such medians, so the machine's load (shared with other jobs) cancels
+out as far as possible. The condkit step is a real step of `condkit.train.loop.train`
+(timed between the loop's per-step progress updates, with the other contenders run in
+between). Memory is measured in a child process: peak resident set (VmHWM) minus the
+resident set once the loop's setup is done, with glibc's mmap threshold pinned at
+64 KiB so freed tensors leave the resident set; on CUDA, `torch.cuda.max_memory_allocated`."""
+
+
+def build_report(rows, machine: dict[str, str], command: str, seconds: float) -> str:
+    """The markdown report: machine, method, the tables, and the targets summary."""
+    from harness import format_table
+
+    lines = ["# condkit benchmarks", "", f"Command: `{command}` (took {seconds / 60:.1f} min)", "", "| machine | |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in machine.items()]
+    lines += ["", METHOD, format_table(rows), "", "## Targets", ""]
+    targeted = [row for row in rows if row.met is not None]
+    met = sum(row.met for row in targeted)
+    lines.append(f"{met} of {len(targeted)} targets met.")
+    lines += [""] + [f"- not met: {row.section} / {row.name}: {row.value} (target {row.target}). {row.note}" for row in targeted if not row.met]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny settings, to check that the suite runs")
+    parser.add_argument("--out", default="", help="write the markdown report to this file (default: print it)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a loaded machine more threads wait on each other)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from harness import machine_description, quiet_libraries
+
+    quiet_libraries()
+    machine = machine_description()
+    started = time.perf_counter()
+    chosen = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    rows = []
+    for name in SECTIONS:
+        if name not in chosen:
+            continue
+        section_start = time.perf_counter()
+        module = __import__({"training": "training_steps"}.get(name, name))
+        rows += module.run(args.quick, args.threads) if name in ("memory", "scaling") else module.run(args.quick)
+        print(f"benchmarks: {name} done in {time.perf_counter() - section_start:.0f} s", file=sys.stderr, flush=True)
+    command = "python benchmarks/run.py" + (" --quick" if args.quick else "") + (f" --out {args.out}" if args.out else "")
+    report = build_report(rows, machine, command, time.perf_counter() - started)
+    if args.out:
+        from condkit.io import write_text_atomic
+
+        write_text_atomic(Path(args.out), report)
+        print(f"benchmarks: wrote {args.out}", file=sys.stderr)
+    else:
+        print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
