@@ -149,9 +149,15 @@ def test_pose_recipe_runs_on_images_with_keypoint_files(tmp_path, monkeypatch):
         image, keypoints = stick_figure(64, shift=4 * i - 6)
         Image.fromarray(image).save(data / f"p{i}.png")
         (data / f"p{i}_keypoints.json").write_text(json.dumps(keypoints))
-    recipe = load_recipe(RECIPES / "controlnet-pose.yaml", [*TINY_RUN, f"data.path={data}"])
-    out = train(recipe, tmp_path / "run", show_progress=False)
-    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    # Also: bf16 autocast for the frozen base with the branch kept in float32, and
+    # gradient checkpointing (the loop enables it on the branch too).
+    overrides = [*TINY_RUN, f"data.path={data}", "train.mixed_precision=bf16", "train.gradient_checkpointing=true"]
+    out = train(load_recipe(RECIPES / "controlnet-pose.yaml", overrides), tmp_path / "run", show_progress=False)
+    from safetensors import safe_open
+
+    with safe_open(out / "controlnet" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        zero_conv = weights.get_tensor("controlnet_down_blocks.0.weight")
+    assert zero_conv.dtype == torch.float32 and torch.count_nonzero(zero_conv) > 0
     maps = sorted((tmp_path / "cache" / "conditions" / "openpose").glob("*.png"))
     assert len(maps) == 4  # drawn once from the keypoint files, cached
     drawn = np.asarray(Image.open(maps[0]))
