@@ -181,3 +181,19 @@ def test_encode_extras_names_the_missing_condition(base):
     adapter = ControlNetAdapter(ControlNetConfig(), name="edges")
     with pytest.raises(UserError, match="controlnet edges: the dataset gives no condition maps"):
         adapter.encode_extras({"pixel_values": torch.zeros(1, 3, 64, 64), "caption": ["x"]}, base)
+
+
+def test_validation_samples_with_a_float32_branch_over_a_bf16_base():
+    """Under bf16 training the base is bf16 and the branch float32; validation must still run."""
+    from condkit.train.config import ValidationConfig
+
+    base = load_base("embedded").to("cpu", dtype=torch.bfloat16)
+    adapter = ControlNetAdapter(ControlNetConfig())
+    adapter.attach(base)
+    assert adapter.controlnet.dtype == torch.float32
+    master = adapter.controlnet.controlnet_cond_embedding.conv_in.weight.clone()
+    rows, metrics = adapter.validate(base, ValidationConfig(prompts=["a red circle on a blue background"], num_inference_steps=2), 1)
+    assert len(rows) == 1 and [im.size for im in rows[0]] == [(64, 64), (64, 64)]
+    assert set(metrics) == {"edge_precision", "edge_recall", "edge_f1"} and 0.0 <= metrics["edge_f1"] <= 1.0
+    assert adapter.controlnet.dtype == torch.float32
+    assert torch.equal(adapter.controlnet.controlnet_cond_embedding.conv_in.weight, master)

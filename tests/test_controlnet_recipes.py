@@ -76,6 +76,12 @@ def test_canny_recipe_trains_with_a_frozen_lora_and_exports_for_stock_diffusers(
     assert (out / "validation" / "step-00000002.png").is_file()
     grid = Image.open(out / "validation" / "step-00000002.png")
     assert grid.size == (64 * 2 + 2, 64)  # one row: condition | output
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "condkit"))
+    events.Reload()
+    f1 = events.Scalars("validation/edge_f1")
+    assert [e.step for e in f1] == [2] and 0.0 <= f1[0].value <= 1.0
     described = json.loads((out / "controlnet" / "condkit_adapter.json").read_text())
     assert described["kind"] == "controlnet" and described["base"]["resolution"] == 64
 

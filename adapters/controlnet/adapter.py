@@ -65,7 +65,7 @@ class ControlNetAdapter(Adapter):
         """Build the branch from ``base`` (or ``config.init_from``) if there is none yet, and check it fits."""
         if self.controlnet is None:
             if self.config.init_from:
-                self.controlnet = formats.read_controlnet(self.config.init_from, base, self.config)
+                self.controlnet = formats.read_controlnet(self.config.init_from, base, self.config).requires_grad_(True)
             else:
                 hint_channels = self.config.hint_channels(base.vae_scale_factor)
                 self.controlnet = controlnet_from_unet(base.unet, hint_channels, self.config)
@@ -245,6 +245,7 @@ class ControlNetAdapter(Adapter):
         """
         config = formats.read_condkit_config(path) or ControlNetConfig()
         controlnet = formats.read_controlnet(path, base, config)
+        controlnet.requires_grad_(False).eval()  # loaded = frozen (e.g. a frozen_adapters entry)
         adapter = cls(config, name=name, controlnet=controlnet)
         check_fits(controlnet, base, str(path))
         adapter.base = base

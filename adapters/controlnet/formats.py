@@ -101,8 +101,10 @@ def read_condkit_config(path: str | Path) -> ControlNetConfig | None:
     if described is None or not described.is_file():
         return None
     try:
-        options = json.loads(described.read_text()).get("config") or {}
-        return ControlNetConfig(**options)
+        description = json.loads(described.read_text())
+        if description.get("kind") != "controlnet":
+            return None
+        return ControlNetConfig(**(description.get("config") or {}))
     except (ValueError, TypeError) as exc:
         raise UserError(f"{described}: not a valid ControlNet description ({exc})") from None
 

@@ -7,6 +7,7 @@ with its own condition map, scale and start/end window.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -54,18 +55,35 @@ def generate_controlled(
     images = []
     for index, (prompt, maps) in enumerate(zip(prompts, control_images)):
         pipe, call = build_pipeline(base, list(adapters), {"control_images": list(maps)})
-        result = pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            height=base.resolution,
-            width=base.resolution,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(seed + index),
-            **call,
-        )
+        with half_precision_base(base):
+            result = pipe(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                height=base.resolution,
+                width=base.resolution,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(seed + index),
+                **call,
+            )
         images.append(result.images[0])
     return images
+
+
+def half_precision_base(base: BaseModel) -> contextlib.AbstractContextManager:
+    """Autocast to the base's dtype when it runs in half precision (bf16 training).
+
+    The branch stays float32 while the pipeline feeds it the base's bf16 latents and
+    text embeddings; autocast makes the two meet (casting weights on the fly, never
+    touching the float32 master weights).
+
+    Args:
+        base: the base (its U-Net's dtype decides).
+    """
+    dtype = base.unet.dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=base.unet.device.type, dtype=dtype)
 
 
 def validation_pairs(validation_config: Any, resolution: int) -> tuple[list[str], list[np.ndarray]]:
