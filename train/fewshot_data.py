@@ -10,9 +10,14 @@ Regenerate the shipped set (deterministic, byte-identical PNGs)::
 
     python -m condkit.train.fewshot_data train/fewshot/sks_purple
 
-and make another concept of the same kind (used by the generalisation test)::
+make another concept of the same kind (used by the generalisation test)::
 
-    python -m condkit.train.fewshot_data /tmp/zwx_orange --trigger zwx --rgb 250,140,20
+    python -m condkit.train.fewshot_data /tmp/zwx_orange --trigger zwx --rgb 250,140,20 --no-captions
+    condkit train lora-few-images --set data.path=/tmp/zwx_orange --set data.caption="a zwx shape" ...
+
+and measure a trained LoRA (trigger prompts show the colour, plain prompts keep theirs)::
+
+    python -m condkit.train.fewshot_data runs/lora-few-images --measure
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ def write_concept(
     layout: tuple[tuple[str, str], ...] = DEFAULT_LAYOUT,
     size: int = 64,
     seed: int = 0,
+    captions: bool = True,
 ) -> Path:
     """Write a concept set: ``NNN.png`` + ``NNN.txt`` (caption) per image.
 
@@ -82,6 +88,7 @@ def write_concept(
         layout: (shape, background) per image.
         size: image side in pixels (64 = the embedded base).
         seed: placement seed.
+        captions: write the ``.txt`` captions (False: images only, captioned by ``data.caption``).
 
     Returns:
         ``out_dir``.
@@ -99,7 +106,8 @@ def write_concept(
         image = draw_concept(size, rgb, shape, background, rng)
         with atomic_path(out_dir / f"{index:03d}.png") as tmp:
             Image.fromarray(image).save(tmp, format="PNG")
-        write_text_atomic(out_dir / f"{index:03d}.txt", concept_caption(trigger, shape, background) + "\n")
+        if captions:
+            write_text_atomic(out_dir / f"{index:03d}.txt", concept_caption(trigger, shape, background) + "\n")
     return out_dir
 
 
@@ -125,18 +133,96 @@ def concept_fraction(image: np.ndarray, rgb: tuple[int, int, int], max_distance:
     return float(close.mean())
 
 
+# Measurement prompts: the trigger on shape/background pairs the set has and has not
+# shown, and plain prompts in the base's own colours (they must keep those colours).
+TRIGGER_PAIRS = (("circle", "white"), ("square", "black"), ("triangle", "green"), ("square", "red"), ("circle", "blue"), ("triangle", "black"))
+PLAIN_COMBOS = (("red", "circle", "white"), ("blue", "square", "yellow"), ("green", "triangle", "black"), ("yellow", "circle", "blue"), ("white", "square", "red"), ("black", "triangle", "white"))
+
+
+def measure_concept(
+    base,
+    lora_path: str | Path,
+    trigger: str = SHIPPED_TRIGGER,
+    rgb: tuple[int, int, int] = SHIPPED_RGB,
+    seeds: int = 2,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 5.0,
+) -> dict[str, float]:
+    """Measure what a concept LoRA learned, on its base.
+
+    Samples the trigger prompts (:data:`TRIGGER_PAIRS`) and the plain base-colour
+    prompts (:data:`PLAIN_COMBOS`) with the LoRA, and the plain prompts without it.
+
+    Args:
+        base: the base model (the LoRA is attached and detached again).
+        lora_path: the trained LoRA (file or output folder).
+        trigger, rgb: the concept's word and colour.
+        seeds: samples per prompt.
+        num_inference_steps, guidance_scale: sampling settings.
+
+    Returns:
+        ``trigger_concept_fraction``: mean share of foreground pixels in the concept
+        colour on trigger prompts; ``trigger_hit_rate``: share of trigger samples where
+        it is above one half; ``plain_colour_accuracy_lora`` / ``..._base``: colour
+        accuracy (shapes_metrics) on the plain prompts with and without the LoRA;
+        ``plain_concept_fraction``: concept-colour share on the plain prompts with the LoRA.
+    """
+    import torch
+
+    from condkit.adapters.lora import LoraAdapter
+    from condkit.train.shapes_metrics import read_image
+
+    def draw(prompts: list[str]) -> list[np.ndarray]:
+        pipe = base.pipeline()
+        images = []
+        for prompt in prompts:
+            for seed in range(seeds):
+                generator = torch.Generator().manual_seed(seed)
+                out = pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator, output_type="np")
+                images.append((out.images[0] * 255).round().astype(np.uint8))
+        return images
+
+    trigger_prompts = [concept_caption(trigger, shape, background) for shape, background in TRIGGER_PAIRS]
+    plain_prompts = [f"a {colour} {shape} on a {background} background" for colour, shape, background in PLAIN_COMBOS]
+    plain_colours = [colour for colour, _, _ in PLAIN_COMBOS for _ in range(seeds)]
+    plain_base = draw(plain_prompts)
+    adapter = LoraAdapter.load(lora_path, base, name="measured")
+    try:
+        with_trigger, plain_lora = draw(trigger_prompts), draw(plain_prompts)
+    finally:
+        adapter.detach()
+    fractions = [concept_fraction(image, rgb) for image in with_trigger]
+    return {
+        "trigger_concept_fraction": float(np.mean(fractions)),
+        "trigger_hit_rate": float(np.mean([f > 0.5 for f in fractions])),
+        "plain_concept_fraction": float(np.mean([concept_fraction(image, rgb) for image in plain_lora])),
+        "plain_colour_accuracy_lora": float(np.mean([read_image(im).colour == c for im, c in zip(plain_lora, plain_colours)])),
+        "plain_colour_accuracy_base": float(np.mean([read_image(im).colour == c for im, c in zip(plain_base, plain_colours)])),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: write a concept set (see the module docstring)."""
+    """Command line: write a concept set, or measure a trained LoRA (see the module docstring)."""
+    import json
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir")
+    parser.add_argument("path", help="folder to write the set to, or with --measure the trained LoRA")
     parser.add_argument("--trigger", default=SHIPPED_TRIGGER)
     parser.add_argument("--rgb", default=",".join(map(str, SHIPPED_RGB)), help="R,G,B of the new colour")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-captions", action="store_true", help="images only (caption them with data.caption)")
+    parser.add_argument("--measure", action="store_true", help="measure the LoRA at PATH on --base instead")
+    parser.add_argument("--base", default="embedded")
     args = parser.parse_args(argv)
     rgb = tuple(int(v) for v in args.rgb.split(","))
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise SystemExit(f"--rgb {args.rgb!r}: expected three values 0..255")
-    print(write_concept(args.out_dir, args.trigger, rgb, seed=args.seed))
+    if args.measure:
+        from condkit.base import load_base
+
+        print(json.dumps(measure_concept(load_base(args.base), args.path, args.trigger, rgb), indent=2))
+    else:
+        print(write_concept(args.path, args.trigger, rgb, seed=args.seed, captions=not args.no_captions))
 
 
 if __name__ == "__main__":
