@@ -60,6 +60,9 @@ def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
         records = _shapes_records(data.shapes_count, seed)
     else:
         root = Path(data.path)
+        if data.path.startswith("fewshot/") and not root.is_dir():
+            # A shipped few-image set (package data of condkit.train), e.g. fewshot/sks_purple.
+            root = Path(__file__).resolve().parent / data.path
         if not data.path or not root.is_dir():
             raise UserError(f"data.path {data.path!r}: no such folder")
         custom = getattr(adapter_cls, "find_records", None)
