@@ -32,6 +32,22 @@ between). Memory is measured in a child process: peak resident set (VmHWM) minus
 resident set once the loop's setup is done, with glibc's mmap threshold pinned at
 64 KiB so freed tensors leave the resident set; on CUDA, `torch.cuda.max_memory_allocated`."""
 
+PROFILE = """\
+## Profile and what was changed
+
+cProfile of 9 condkit LoRA steps (embedded base, batch 8, 64 px, before any change):
+the U-Net backward is 55 % of a step and its forward 43 %; the optimizer step 2.4 %
+(of which torch's per-parameter Python loop `_single_tensor_adam` is most: AdamW's
+default on CPU); cache lookup, noise, condition dropout, loss, clipping and logging
+together stay under 1 %. Nothing is re-encoded per step (latents, text and image
+embeddings come from the cache). The one change: the loop's AdamW is now built with
+`fused=True` (falls back where a device has no fused kernel). Measured with the
+optimizer alone (median of 10): LoRA's 112 tensors 37 -> 1 ms per step, ControlNet's
+168 tensors 61 -> 19 ms. In the loop (10 interleaved steps, batch 8, floor and
+reference unchanged with torch's default AdamW): LoRA condkit / floor 1.02x -> 0.97x,
+condkit / reference 0.79x -> 0.78x. The floor in the tables below uses the loop's
+(fused) optimizer, so it stays a true floor."""
+
 
 def build_report(rows, machine: dict[str, str], command: str, seconds: float) -> str:
     """The markdown report: machine, method, the tables, and the targets summary."""
@@ -39,7 +55,7 @@ def build_report(rows, machine: dict[str, str], command: str, seconds: float) ->
 
     lines = ["# condkit benchmarks", "", f"Command: `{command}` (took {seconds / 60:.1f} min)", "", "| machine | |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in machine.items()]
-    lines += ["", METHOD, format_table(rows), "", "## Targets", ""]
+    lines += ["", METHOD, "", PROFILE, "", "## Results", format_table(rows), "", "## Targets", ""]
     targeted = [row for row in rows if row.met is not None]
     met = sum(row.met for row in targeted)
     lines.append(f"{met} of {len(targeted)} targets met.")

@@ -38,6 +38,7 @@ EXPECTED_ROWS = {
     ],
     "4. Inference overhead against the bare base": [
         ("LoRA, fused / bare base", "<= 1.02x"),
+        ("LoRA, fused, peft wrappers removed / bare base", ""),
         ("LoRA, unfused / bare base", "<= 1.10x"),
         ("ControlNet / bare base", "<= 1.10x"),
         ("IP-Adapter / bare base", "<= 1.10x"),
