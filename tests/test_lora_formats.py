@@ -211,3 +211,28 @@ def test_convert_refuses_to_overwrite(trained, tmp_path, capsys):
     assert main(["convert", str(folder), str(out), "--to", "kohya", "--overwrite"]) == 0
     assert "lora_unet_down_blocks_0_resnets_0_conv1.alpha" in load_file(out)
     assert main(["convert", str(folder), str(tmp_path / "folder"), "--to", "kohya"]) == 2
+
+
+def test_sd15_kohya_names_convert_without_a_base(tmp_path):
+    """kohya names of a real SD 1.5 LoRA (blocks the embedded base lacks) map to diffusers module paths."""
+    names = {
+        "lora_unet_down_blocks_2_attentions_1_transformer_blocks_0_attn2_to_k": ((4, 768), (1280, 4)),
+        "lora_unet_up_blocks_3_attentions_2_proj_out": ((4, 320, 1, 1), (320, 4, 1, 1)),
+        "lora_unet_down_blocks_3_resnets_1_conv2": ((4, 1280, 3, 3), (1280, 4, 1, 1)),
+        "lora_unet_up_blocks_0_upsamplers_0_conv": ((4, 1280, 3, 3), (1280, 4, 1, 1)),
+        "lora_te_text_model_encoder_layers_11_mlp_fc2": ((4, 3072), (768, 4)),
+    }
+    tensors = {}
+    for name, (down, up) in names.items():
+        tensors[f"{name}.lora_down.weight"] = torch.full(down, 0.01)
+        tensors[f"{name}.lora_up.weight"] = torch.full(up, 0.02)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(tmp_path / "sd15.safetensors"))
+    assert main(["convert", str(tmp_path / "sd15.safetensors"), str(tmp_path / "out"), "--to", "diffusers"]) == 0
+    keys = set(load_file(tmp_path / "out" / WEIGHTS))
+    assert "unet.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k.lora_A.weight" in keys
+    assert "unet.up_blocks.3.attentions.2.proj_out.lora_B.weight" in keys
+    assert "unet.up_blocks.0.upsamplers.0.conv.lora_A.weight" in keys
+    assert "text_encoder.text_model.encoder.layers.11.mlp.fc2.lora_A.weight" in keys
+    alphas = formats.read_diffusers(load_file(tmp_path / "out" / WEIGHTS), _headers(tmp_path / "out" / WEIGHTS), "x").modules
+    assert {m.alpha for m in alphas} == {1.0} and {m.rank for m in alphas} == {4}

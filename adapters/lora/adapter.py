@@ -75,10 +75,11 @@ class LoraAdapter(Adapter):
                 if getattr(model, "peft_config", None):
                     _set_active(model, remaining)
             if not getattr(model, "peft_config", None):
-                recurse_remove_peft_layers(model)  # what unet.unload_lora() does
-                for attr in ("peft_config", "_hf_peft_config_loaded"):
-                    if hasattr(model, attr):
-                        delattr(model, attr) if attr == "peft_config" else setattr(model, attr, None)
+                # No LoRA left: unwrap peft's layers, as unet.unload_lora() does.
+                recurse_remove_peft_layers(model)
+                if hasattr(model, "peft_config"):
+                    del model.peft_config
+                model._hf_peft_config_loaded = None
         self.base = None
         self.components = ()
 

@@ -324,7 +324,9 @@ def read_diffusers(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]
     modules, unmatched = [], list(parts.pop(None, {}))
     for component, part in parts.items():
         renamed = _renamed_keys(part, component)
-        if component == UNET:
+        if all(_peft_part(k)[1] for k in renamed):
+            peft_sd = renamed  # already peft names (diffusers' converters need a q/k/v/out key to guess)
+        elif component == UNET:
             peft_sd = convert_unet_state_dict_to_peft(renamed)
         else:
             try:
