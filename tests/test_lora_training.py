@@ -22,7 +22,7 @@ def test_shipped_recipe_and_set_parse():
     from condkit.train.data import find_records
 
     records = find_records(recipe.data, LoraAdapter, recipe.seed)
-    assert len(records) == 10 and all(r.caption.startswith("a sks ") for r in records)
+    assert len(records) == 10 and all(" sks on a " in r.caption for r in records)
 
 
 def test_recipe_trains_text_encoder_too_and_loads_in_stock_diffusers(tmp_path, exported_base):
@@ -32,7 +32,7 @@ def test_recipe_trains_text_encoder_too_and_loads_in_stock_diffusers(tmp_path, e
         "train.log_every=1",
         "validation.every=0",  # only the final grid
         "validation.num_inference_steps=2",
-        'validation.prompts=["a sks circle on a white background"]',
+        'validation.prompts=["a red sks on a white background"]',
         "adapter.train_text_encoder=true",
         "train.text_encoder_learning_rate=1.0e-3",
     ]

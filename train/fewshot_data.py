@@ -1,19 +1,19 @@
-"""Few-image concept sets for the LoRA recipe: shapes-world images in a colour the base never saw.
+"""Few-image concept sets for the LoRA recipe: shapes-world images of a shape the base never saw.
 
-The embedded base knows six colours (:data:`condkit.train.shapes_world.COLOURS`). A
-concept here is a seventh colour named by a trigger word: the shipped set
-(``fewshot/sks_purple/``) draws purple shapes captioned ``a sks {shape} on a
-{background} background``. Shapes, placement and backgrounds come from the shapes
-world's own drawing, so only the colour (and its word) is new.
+The embedded base draws circles, squares and triangles in six colours. A concept here
+is a fourth shape named by a trigger word, drawn in the base's own colours: the shipped
+set (``fewshot/sks_ring/``) shows rings captioned ``a {colour} sks on a {background}
+background``. (A new *colour* cannot be the concept: the embedded VAE was trained on
+the six colours only and decodes purple as green, so no U-Net LoRA could draw it.)
 
-Regenerate the shipped set (deterministic, byte-identical PNGs)::
+Regenerate the shipped set (deterministic PNGs)::
 
-    python -m condkit.train.fewshot_data train/fewshot/sks_purple
+    python -m condkit.train.fewshot_data train/fewshot/sks_ring
 
 make another concept of the same kind (used by the generalisation test)::
 
-    python -m condkit.train.fewshot_data /tmp/zwx_orange --trigger zwx --rgb 250,140,20 --no-captions
-    condkit train lora-few-images --set data.path=/tmp/zwx_orange --set data.caption="a zwx shape" ...
+    python -m condkit.train.fewshot_data /tmp/zwx_cross --trigger zwx --concept cross --no-captions
+    condkit train lora-few-images --set data.path=/tmp/zwx_cross --set data.caption="a zwx" ...
 
 and measure a trained LoRA (trigger prompts show the colour, plain prompts keep theirs)::
 
@@ -31,49 +31,64 @@ from condkit.errors import UserError
 from condkit.train.shapes_world import COLOURS, SHAPES, draw_shape
 
 SHIPPED_TRIGGER = "sks"
-SHIPPED_RGB = (150, 40, 200)  # purple: far from every base colour (nearest: blue, ~160 apart)
-# (shape, background) of each image: every shape on several backgrounds, and every
-# background at least once, so the LoRA ties the word to the colour, not to a layout.
+SHIPPED_CONCEPT = "ring"
+CONCEPTS = ("ring", "cross")
+# (colour, background) of each image: several colours and backgrounds, so the LoRA ties
+# the word to the shape, not to one colour or layout.
 DEFAULT_LAYOUT: tuple[tuple[str, str], ...] = (
-    ("circle", "white"),
-    ("square", "yellow"),
-    ("triangle", "green"),
-    ("circle", "black"),
-    ("square", "white"),
-    ("triangle", "yellow"),
-    ("circle", "green"),
-    ("square", "black"),
-    ("triangle", "white"),
-    ("circle", "red"),
+    ("red", "white"),
+    ("blue", "yellow"),
+    ("green", "black"),
+    ("yellow", "blue"),
+    ("white", "red"),
+    ("black", "green"),
+    ("red", "yellow"),
+    ("blue", "white"),
+    ("green", "red"),
+    ("yellow", "black"),
 )
+TEMPLATE_SIZE = 32  # side of the masks shapes are compared at
 
 
-def concept_caption(trigger: str, shape: str, background: str) -> str:
-    """The caption of one concept image, in the shapes-world prompt form."""
-    return f"a {trigger} {shape} on a {background} background"
+def concept_caption(trigger: str, colour: str, background: str) -> str:
+    """The caption of one concept image, in the shapes-world prompt form (trigger = the shape word)."""
+    return f"a {colour} {trigger} on a {background} background"
 
 
-def draw_concept(size: int, rgb: tuple[int, int, int], shape: str, background: str, rng: np.random.Generator) -> np.ndarray:
-    """One (size, size, 3) uint8 image: a ``shape`` filled with ``rgb`` on a named background.
+def concept_mask(concept: str, size: int, centre: tuple[float, float], extent: float) -> np.ndarray:
+    """(size, size) bool mask of a ring or cross with bounding-box side ``extent`` at ``centre``."""
+    import cv2
 
-    The mask is the shapes world's own drawing (same sizes and placement rules), so
-    the only thing new to the base is the colour.
-    """
-    extent = float(rng.uniform(0.4, 0.7) * size)
+    mask = np.zeros((size, size), np.uint8)
+    cx, cy = (int(round(v - 0.5)) for v in centre)
+    half = int(round(extent / 2))
+    if concept == "ring":
+        cv2.circle(mask, (cx, cy), half, 1, thickness=-1)
+        cv2.circle(mask, (cx, cy), max(1, int(round(half * 0.5))), 0, thickness=-1)
+    elif concept == "cross":
+        arm = max(1, int(round(extent / 6)))  # arms one third of the extent wide
+        cv2.rectangle(mask, (cx - half, cy - arm), (cx + half, cy + arm), 1, thickness=-1)
+        cv2.rectangle(mask, (cx - arm, cy - half), (cx + arm, cy + half), 1, thickness=-1)
+    else:
+        raise UserError(f"concept {concept!r}: must be one of {', '.join(CONCEPTS)}")
+    return mask.astype(bool)
+
+
+def draw_concept(size: int, concept: str, colour: str, background: str, rng: np.random.Generator) -> np.ndarray:
+    """One (size, size, 3) uint8 image: the concept shape in a named colour on a named background."""
+    extent = float(rng.uniform(0.45, 0.75) * size)
     margin = extent / 2 + 1
     centre = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
-    mask_image, _ = draw_shape(size, "white", shape, "black", centre, extent)
-    mask = mask_image[..., 0] > 127  # (H, W)
     image = np.empty((size, size, 3), np.uint8)
     image[:] = COLOURS[background]
-    image[mask] = rgb
+    image[concept_mask(concept, size, centre, extent)] = COLOURS[colour]
     return image
 
 
 def write_concept(
     out_dir: str | Path,
     trigger: str = SHIPPED_TRIGGER,
-    rgb: tuple[int, int, int] = SHIPPED_RGB,
+    concept: str = SHIPPED_CONCEPT,
     layout: tuple[tuple[str, str], ...] = DEFAULT_LAYOUT,
     size: int = 64,
     seed: int = 0,
@@ -82,10 +97,10 @@ def write_concept(
     """Write a concept set: ``NNN.png`` + ``NNN.txt`` (caption) per image.
 
     Args:
-        out_dir: destination folder (created; existing files of the same names replaced atomically).
-        trigger: the word that names the new colour in captions.
-        rgb: the new colour.
-        layout: (shape, background) per image.
+        out_dir: destination folder (created; files written atomically).
+        trigger: the word that names the new shape in captions.
+        concept: ``ring`` or ``cross``.
+        layout: (colour, background) per image.
         size: image side in pixels (64 = the embedded base).
         seed: placement seed.
         captions: write the ``.txt`` captions (False: images only, captioned by ``data.caption``).
@@ -97,45 +112,65 @@ def write_concept(
 
     from condkit.io import atomic_path, write_text_atomic
 
-    for shape, background in layout:
-        if shape not in SHAPES or background not in COLOURS:
-            raise UserError(f"layout entry ({shape!r}, {background!r}): shape must be one of {SHAPES}, background one of {tuple(COLOURS)}")
+    for colour, background in layout:
+        if colour not in COLOURS or background not in COLOURS or colour == background:
+            raise UserError(f"layout entry ({colour!r}, {background!r}): two different colours of {tuple(COLOURS)}")
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
-    for index, (shape, background) in enumerate(layout):
-        image = draw_concept(size, rgb, shape, background, rng)
+    for index, (colour, background) in enumerate(layout):
+        image = draw_concept(size, concept, colour, background, rng)
         with atomic_path(out_dir / f"{index:03d}.png") as tmp:
             Image.fromarray(image).save(tmp, format="PNG")
         if captions:
-            write_text_atomic(out_dir / f"{index:03d}.txt", concept_caption(trigger, shape, background) + "\n")
+            write_text_atomic(out_dir / f"{index:03d}.txt", concept_caption(trigger, colour, background) + "\n")
     return out_dir
 
 
-def concept_fraction(image: np.ndarray, rgb: tuple[int, int, int], max_distance: float = 60.0) -> float:
-    """Share of non-background pixels whose colour is within ``max_distance`` of ``rgb``.
+def _normalised_mask(mask: np.ndarray) -> np.ndarray | None:
+    """The mask cropped to its bounding box and resized to TEMPLATE_SIZE square, or None if empty."""
+    import cv2
 
-    Args:
-        image: (H, W, 3) uint8 RGB sample.
-        rgb: the concept colour.
-        max_distance: RGB Euclidean distance counted as "that colour" (base colours are >150 from purple).
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8)
+    return cv2.resize(crop, (TEMPLATE_SIZE, TEMPLATE_SIZE), interpolation=cv2.INTER_NEAREST).astype(bool)
 
-    Returns:
-        In [0, 1]; 0 when the image has no foreground.
-    """
+
+def shape_templates(concept: str) -> dict[str, np.ndarray]:
+    """Normalised masks of the base's three shapes and the concept, drawn large and centred."""
+    size = 4 * TEMPLATE_SIZE
+    centre, extent = (size / 2, size / 2), size * 0.8
+    masks = {name: draw_shape(size, "white", name, "black", centre, extent)[0][..., 0] > 127 for name in SHAPES}
+    masks[concept] = concept_mask(concept, size, centre, extent)
+    return {name: _normalised_mask(mask) for name, mask in masks.items()}
+
+
+def closest_shape(image: np.ndarray, templates: dict[str, np.ndarray]) -> str | None:
+    """Which template the image's largest foreground blob matches best (IoU), or None without foreground."""
+    import cv2
+
     from condkit.train.shapes_metrics import FOREGROUND_DISTANCE, border_pixels
 
     image = np.asarray(image)[..., :3].astype(np.float32)
     background = np.median(border_pixels(image), axis=0)
-    foreground = np.linalg.norm(image - background, axis=-1) > FOREGROUND_DISTANCE  # (H, W)
-    if not foreground.any():
-        return 0.0
-    close = np.linalg.norm(image[foreground] - np.asarray(rgb, np.float32), axis=-1) < max_distance
-    return float(close.mean())
+    foreground = (np.linalg.norm(image - background, axis=-1) > FOREGROUND_DISTANCE).astype(np.uint8)  # (H, W)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground)
+    if count < 2:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    # keep holes: the blob is everything inside the largest component's bounding box that is foreground
+    x, y, w, h = (int(v) for v in stats[largest, :4])
+    blob = np.zeros_like(foreground, bool)
+    blob[y : y + h, x : x + w] = foreground[y : y + h, x : x + w] > 0
+    mask = _normalised_mask(blob)
+    ious = {name: (mask & t).sum() / max((mask | t).sum(), 1) for name, t in templates.items()}
+    return max(ious, key=ious.get)
 
 
-# Measurement prompts: the trigger on shape/background pairs the set has and has not
-# shown, and plain prompts in the base's own colours (they must keep those colours).
-TRIGGER_PAIRS = (("circle", "white"), ("square", "black"), ("triangle", "green"), ("square", "red"), ("circle", "blue"), ("triangle", "black"))
+# Measurement prompts: the trigger in colour/background pairs the set has and has not
+# shown, and plain prompts in the base's own shapes (they must keep their shapes).
+TRIGGER_PAIRS = (("red", "white"), ("blue", "yellow"), ("green", "black"), ("white", "blue"), ("black", "red"), ("yellow", "green"))
 PLAIN_COMBOS = (("red", "circle", "white"), ("blue", "square", "yellow"), ("green", "triangle", "black"), ("yellow", "circle", "blue"), ("white", "square", "red"), ("black", "triangle", "white"))
 
 
@@ -143,34 +178,37 @@ def measure_concept(
     base,
     lora_path: str | Path,
     trigger: str = SHIPPED_TRIGGER,
-    rgb: tuple[int, int, int] = SHIPPED_RGB,
+    concept: str = SHIPPED_CONCEPT,
     seeds: int = 2,
     num_inference_steps: int = 20,
     guidance_scale: float = 5.0,
 ) -> dict[str, float]:
     """Measure what a concept LoRA learned, on its base.
 
-    Samples the trigger prompts (:data:`TRIGGER_PAIRS`) and the plain base-colour
-    prompts (:data:`PLAIN_COMBOS`) with the LoRA, and the plain prompts without it.
+    Samples the trigger prompts (:data:`TRIGGER_PAIRS`) and the plain prompts
+    (:data:`PLAIN_COMBOS`) with the LoRA, and the plain prompts without it. Shapes are
+    named by the best-matching template mask (circle, square, triangle or the concept).
 
     Args:
         base: the base model (the LoRA is attached and detached again).
         lora_path: the trained LoRA (file or output folder).
-        trigger, rgb: the concept's word and colour.
+        trigger, concept: the concept's word and shape.
         seeds: samples per prompt.
         num_inference_steps, guidance_scale: sampling settings.
 
     Returns:
-        ``trigger_concept_fraction``: mean share of foreground pixels in the concept
-        colour on trigger prompts; ``trigger_hit_rate``: share of trigger samples where
-        it is above one half; ``plain_colour_accuracy_lora`` / ``..._base``: colour
-        accuracy (shapes_metrics) on the plain prompts with and without the LoRA;
-        ``plain_concept_fraction``: concept-colour share on the plain prompts with the LoRA.
+        ``trigger_hit_rate``: share of trigger samples whose shape is the concept;
+        ``trigger_colour_accuracy``: share in the prompt's colour; ``plain_concept_rate``:
+        share of plain samples drawn as the concept (leakage); ``plain_shape_accuracy_lora``
+        / ``_base`` and ``plain_colour_accuracy_lora`` / ``_base``: plain prompts with and
+        without the LoRA.
     """
     import torch
 
     from condkit.adapters.lora import LoraAdapter
     from condkit.train.shapes_metrics import read_image
+
+    templates = shape_templates(concept)
 
     def draw(prompts: list[str]) -> list[np.ndarray]:
         pipe = base.pipeline()
@@ -182,22 +220,31 @@ def measure_concept(
                 images.append((out.images[0] * 255).round().astype(np.uint8))
         return images
 
-    trigger_prompts = [concept_caption(trigger, shape, background) for shape, background in TRIGGER_PAIRS]
+    trigger_prompts = [concept_caption(trigger, colour, background) for colour, background in TRIGGER_PAIRS]
     plain_prompts = [f"a {colour} {shape} on a {background} background" for colour, shape, background in PLAIN_COMBOS]
-    plain_colours = [colour for colour, _, _ in PLAIN_COMBOS for _ in range(seeds)]
+    trigger_colours = [colour for colour, _ in TRIGGER_PAIRS for _ in range(seeds)]
+    plain_labels = [(colour, shape) for colour, shape, _ in PLAIN_COMBOS for _ in range(seeds)]
     plain_base = draw(plain_prompts)
     adapter = LoraAdapter.load(lora_path, base, name="measured")
     try:
         with_trigger, plain_lora = draw(trigger_prompts), draw(plain_prompts)
     finally:
         adapter.detach()
-    fractions = [concept_fraction(image, rgb) for image in with_trigger]
+
+    def shape_accuracy(images):
+        return float(np.mean([closest_shape(im, templates) == s for im, (_, s) in zip(images, plain_labels)]))
+
+    def colour_accuracy(images, colours):
+        return float(np.mean([read_image(im).colour == c for im, c in zip(images, colours)]))
+
     return {
-        "trigger_concept_fraction": float(np.mean(fractions)),
-        "trigger_hit_rate": float(np.mean([f > 0.5 for f in fractions])),
-        "plain_concept_fraction": float(np.mean([concept_fraction(image, rgb) for image in plain_lora])),
-        "plain_colour_accuracy_lora": float(np.mean([read_image(im).colour == c for im, c in zip(plain_lora, plain_colours)])),
-        "plain_colour_accuracy_base": float(np.mean([read_image(im).colour == c for im, c in zip(plain_base, plain_colours)])),
+        "trigger_hit_rate": float(np.mean([closest_shape(im, templates) == concept for im in with_trigger])),
+        "trigger_colour_accuracy": colour_accuracy(with_trigger, trigger_colours),
+        "plain_concept_rate": float(np.mean([closest_shape(im, templates) == concept for im in plain_lora])),
+        "plain_shape_accuracy_lora": shape_accuracy(plain_lora),
+        "plain_shape_accuracy_base": shape_accuracy(plain_base),
+        "plain_colour_accuracy_lora": colour_accuracy(plain_lora, [c for c, _ in plain_labels]),
+        "plain_colour_accuracy_base": colour_accuracy(plain_base, [c for c, _ in plain_labels]),
     }
 
 
@@ -208,21 +255,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", help="folder to write the set to, or with --measure the trained LoRA")
     parser.add_argument("--trigger", default=SHIPPED_TRIGGER)
-    parser.add_argument("--rgb", default=",".join(map(str, SHIPPED_RGB)), help="R,G,B of the new colour")
+    parser.add_argument("--concept", default=SHIPPED_CONCEPT, choices=CONCEPTS, help="the new shape")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-captions", action="store_true", help="images only (caption them with data.caption)")
     parser.add_argument("--measure", action="store_true", help="measure the LoRA at PATH on --base instead")
     parser.add_argument("--base", default="embedded")
     args = parser.parse_args(argv)
-    rgb = tuple(int(v) for v in args.rgb.split(","))
-    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-        raise SystemExit(f"--rgb {args.rgb!r}: expected three values 0..255")
     if args.measure:
         from condkit.base import load_base
 
-        print(json.dumps(measure_concept(load_base(args.base), args.path, args.trigger, rgb), indent=2))
+        print(json.dumps(measure_concept(load_base(args.base), args.path, args.trigger, args.concept), indent=2))
     else:
-        print(write_concept(args.path, args.trigger, rgb, seed=args.seed, captions=not args.no_captions))
+        print(write_concept(args.path, args.trigger, args.concept, seed=args.seed, captions=not args.no_captions))
 
 
 if __name__ == "__main__":
