@@ -454,18 +454,12 @@ def _default_image_processor(image_encoder):
 
 
 def _open_image(item):
+    """A reference as a PIL RGB image (paths and arrays through the data loader's ``load_rgb``)."""
     from PIL import Image
 
-    if isinstance(item, (str, Path)):
-        path = Path(item)
-        if not path.is_file():
-            raise UserError(f"reference image {str(path)!r}: no such file")
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except OSError as exc:
-            raise UserError(f"reference image {path}: cannot read ({exc})") from None
-    return item
+    from condkit.train.data import load_rgb
+
+    return Image.fromarray(load_rgb(item)).convert("RGB")
 
 
 def _saved_options(description: Path) -> dict[str, Any]:
