@@ -378,3 +378,16 @@ def test_several_reference_images_become_side_by_side_tokens(base, attached):
     assert (two - one).abs().max() > 1e-3
     with pytest.raises(UserError, match="needs a reference image"):
         attached.pipeline_call_kwargs({"ip_images": []})
+
+
+def test_shipped_recipe_trains_only_an_ip_adapter_with_joint_dropout():
+    from condkit.train.config import load_recipe
+
+    recipe = load_recipe("ip-adapter")
+    assert recipe.adapter.kind == "ip_adapter"
+    config = recipe.adapter.config
+    assert isinstance(config, IPAdapterConfig) and config.variant == "base" and config.tokens == 4
+    assert (config.drop_image, config.drop_text, config.drop_both) == (0.05, 0.05, 0.05)
+    assert recipe.validation.prompts == ["a shape"] and recipe.validation.every > 0
+    with pytest.raises(UserError, match="adapter.variant"):
+        load_recipe("ip-adapter", ["adapter.variant=huge"])
