@@ -125,10 +125,9 @@ class StepClock:
     the next condkit interval.
 
     Args:
-        others: name -> callable doing one step of that contender; built lazily by
-            ``make_others(base)`` on the first update, after the loop's setup.
-        make_others: builds ``others`` from the loop's base (captured by :class:`LoopProbe`).
-        probe: the probe holding the base.
+        make_others: builds the other contenders (name -> callable doing one step) from
+            the loop's base, on the first update, after the loop's setup; or None.
+        probe: the :class:`LoopProbe` holding the base and the setup/step hooks.
     """
 
     def __init__(self, make_others: Callable[[Any], dict[str, Callable[[], Any]]] | None, probe: LoopProbe) -> None:
