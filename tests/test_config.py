@@ -20,7 +20,13 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_shipped_recipe_validates(path):
     first_line = path.read_text().splitlines()[0]
-    assert first_line.startswith("#") and "condkit train" in first_line, "a recipe starts with the command that runs it"
+    if "condkit.train.vae" in first_line:  # the base's VAE stage has its own small schema
+        from condkit.train.vae import load_vae_recipe
+
+        assert first_line.startswith("# python -m condkit.train.vae")
+        assert load_vae_recipe(path).max_steps >= 1
+        return
+    assert first_line.startswith("# condkit train"), "a recipe starts with the command that runs it"
     recipe = load_recipe(path)
     assert recipe.train.max_steps >= 1
 

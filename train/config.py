@@ -262,6 +262,11 @@ def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{source}: {key} must be a whole number, got {value!r}")
     elif origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{source}: {key} must be a number, got {value!r}")
         value = float(value)
