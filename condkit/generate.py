@@ -45,6 +45,8 @@ def build_pipeline(base, adapters: list, inputs: dict[str, Any]):
                 per_adapter.setdefault(key, []).append(value)
             elif key in CONCATENATED_KEYS:
                 call_kwargs.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+            elif key == "guess_mode":  # one flag for the pipeline: on if any ControlNet asks for it
+                call_kwargs[key] = bool(call_kwargs.get(key)) or bool(value)
             else:
                 call_kwargs[key] = value
     if controlnets:
