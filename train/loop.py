@@ -336,10 +336,7 @@ def _make_optimizer(cfg, param_groups: list[dict]):
         except ImportError:
             raise UserError("train.optimizer = 'adamw8bit' needs bitsandbytes (pip install 'condkit[bnb]')") from None
         return bnb.optim.AdamW8bit(param_groups, weight_decay=cfg.weight_decay)
-    try:  # fused: one kernel over all parameters instead of a Python loop (CPU and CUDA; BENCHMARKS.md, profile)
-        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, fused=True)
-    except RuntimeError:  # a device without fused AdamW kernels
-        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
 
 
 def _all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
