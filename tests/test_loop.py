@@ -168,3 +168,36 @@ def test_nonfinite_loss_stops_naming_the_step(image_folder, tmp_path):
     globals()["NanToy"] = NanToy
     with pytest.raises(UserError, match=r"step 1: loss is nan"):
         train(recipe, tmp_path / "run", show_progress=False)
+
+
+def test_v_prediction_base_trains_on_velocity(image_folder, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from diffusers import DDPMScheduler
+
+    from condkit.embedded import EMBEDDED_BASE_DIR
+
+    base_dir = tmp_path / "vbase"
+    shutil.copytree(EMBEDDED_BASE_DIR, base_dir)
+    config_path = base_dir / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    calls = []
+    original = DDPMScheduler.get_velocity
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", lambda self, *a: calls.append(1) or original(self, *a))
+    recipe = dataclasses.replace(_recipe(image_folder, max_steps=2), base=str(base_dir))
+    train(recipe, tmp_path / "run", show_progress=False)
+    assert len(calls) == 2  # one velocity target per step, none for an epsilon base
+    calls.clear()
+    train(_recipe(image_folder, max_steps=2), tmp_path / "eps", show_progress=False)
+    assert calls == []
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_step(image_folder, tmp_path, monkeypatch):
+    steps = []
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    out = train(_recipe(image_folder, max_steps=3, gradient_accumulation_steps=2, batch_size=1), tmp_path / "run", show_progress=False)
+    assert len(steps) == 3
+    assert not torch.equal(_trained_bias(out), __import__("condkit.base", fromlist=["load_base"]).load_base("embedded").unet.conv_out.bias)
