@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -60,6 +61,39 @@ def atomic_path(final: str | os.PathLike, durable: bool = True) -> Iterator[Path
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``final``; swap it in for ``final`` on success.
+
+    For writers that produce several files (``save_pretrained``, checkpoints): an
+    interruption leaves either the old folder or the complete new one under ``final``.
+
+    Args:
+        final: the folder to create or replace.
+    """
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserError(f"{final}: cannot write ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{final}: cannot write ({exc.strerror or exc}); any previous version is untouched") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> None:

@@ -42,6 +42,7 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
         The output folder.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, gather_object
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
@@ -54,6 +55,9 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
     _check_output_dir(output_dir, resume, overwrite)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
+    # accelerate keeps its settings (mixed precision, ...) in a process-wide singleton;
+    # forget an earlier run's (the distributed setup in PartialState is kept).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         # cpu=True on machines without an accelerator, so that a multi-process launch
         # (torchrun / accelerate launch --multi_gpu) uses gloo instead of running single.
