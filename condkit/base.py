@@ -18,6 +18,7 @@ import torch
 
 from condkit.embedded import EMBEDDED_BASE_DIR
 from condkit.errors import UserError
+from condkit.io import atomic_folder
 
 EMBEDDED = "embedded"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -231,13 +232,8 @@ def export_embedded(out_dir: str | os.PathLike, overwrite: bool = False) -> Path
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UserError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(EMBEDDED_BASE_DIR, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        shutil.copytree(EMBEDDED_BASE_DIR, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     return out_dir
 
 

@@ -12,14 +12,13 @@ step number is all the RNG state a resume needs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from condkit.errors import UserError
-from condkit.io import atomic_path, load_state_dict, save_safetensors_atomic, write_json_atomic
+from condkit.io import atomic_folder, atomic_path, load_state_dict, save_safetensors_atomic, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 PREFIX = "step-"
@@ -40,23 +39,13 @@ def save_checkpoint(output_dir: Path, step: int, params: list[torch.nn.Parameter
     Returns:
         The checkpoint folder.
     """
-    root = output_dir / CHECKPOINT_DIR
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    final = output_dir / CHECKPOINT_DIR / f"{PREFIX}{step:08d}"
+    with atomic_folder(final) as tmp:
         save_safetensors_atomic({f"param.{i:05d}": p for i, p in enumerate(params)}, tmp / "trainable.safetensors")
         for name, obj in (("optimizer.pt", optimizer.state_dict()), ("lr_scheduler.pt", lr_scheduler.state_dict())):
             with atomic_path(tmp / name) as path:
                 torch.save(obj, path)
         write_json_atomic(tmp / "state.json", {**state, "step": step})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -22,14 +22,13 @@ diffusers does not have; it is :func:`image_projection_to_original` here.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from condkit.errors import UserError
-from condkit.io import check_safetensors_header, load_state_dict
+from condkit.io import atomic_folder, check_safetensors_header, load_state_dict
 
 WEIGHT_NAME = "ip_adapter.safetensors"
 IMAGE_ENCODER_FOLDER = "image_encoder"
@@ -272,31 +271,15 @@ def to_flat_state_dict(projection: torch.nn.Module, processors: list[torch.nn.Mo
 
 
 def write_folder_atomic(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a folder under a temporary name beside ``final`` and rename it into place.
-
-    ``save_pretrained`` writes many files into a folder; condkit.io's ``atomic_path`` is
-    for single files, so a half-written folder is avoided here the same way.
+    """Fill a folder through ``write`` and swap it in atomically (see :func:`condkit.io.atomic_folder`).
 
     Args:
         final: the folder to create or replace.
         write: fills the temporary folder it is given.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(final) as tmp:
         write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return Path(final)
 
 
 def save_image_encoder(image_encoder, feature_extractor, folder: str | os.PathLike) -> Path:
