@@ -15,7 +15,7 @@ make another concept of the same kind (used by the generalisation test)::
     python -m condkit.train.fewshot_data /tmp/zwx_cross --trigger zwx --concept cross --no-captions
     condkit train lora-few-images --set data.path=/tmp/zwx_cross --set data.caption="a zwx" ...
 
-and measure a trained LoRA (trigger prompts show the colour, plain prompts keep theirs)::
+and measure a trained LoRA (trigger prompts show the ring, plain prompts keep the base's shapes)::
 
     python -m condkit.train.fewshot_data runs/lora-few-images --measure
 """

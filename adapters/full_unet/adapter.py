@@ -8,8 +8,6 @@ architecture required). ``set_scale(s)`` blends ``original + s * (trained - orig
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,23 +84,12 @@ class FullUnetAdapter(Adapter):
     # ---- persistence -------------------------------------------------------------
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write ``out_dir/unet/`` (diffusers ``save_pretrained``) and ``condkit_adapter.json``."""
-        from condkit.io import write_json_atomic
+        from condkit.io import atomic_folder, write_json_atomic
 
-        unet = self._unet()
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         final = out_dir / UNET_FOLDER
-        # save_pretrained writes several files; write them into a fresh folder and swap it in.
-        tmp = out_dir / f".{UNET_FOLDER}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            unet.save_pretrained(tmp, safe_serialization=True)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_folder(final) as tmp:  # save_pretrained writes several files
+            self._unet().save_pretrained(tmp, safe_serialization=True)
         description = {
             "kind": self.kind,
             "config": self.config.to_dict(),
