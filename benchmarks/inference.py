@@ -103,9 +103,9 @@ def run(quick: bool) -> list[Row]:
     note = f"embedded base, {size} px, {steps} steps, CFG 7.5, VAE decode, median of {repetitions}; bare base {bare * 1e3:.0f} ms"
     limits = {"LoRA, fused": 1.02, FUSED_UNWRAPPED: None, "LoRA, unfused": 1.10, "ControlNet": 1.10, "IP-Adapter": 1.10}
     causes = {
-        "LoRA, fused": f"{note}. Fused weights cost nothing; what remains is peft's wrapper call on each of the "
-        f"{_wrapped_layers(base)} wrapped layers (next row: the same weights without wrappers)",
-        FUSED_UNWRAPPED: "diffusers' fuse_lora + unload_lora_weights: cannot be unfused or rescaled afterwards",
+        "LoRA, fused": f"{note}. LoraAdapter.fuse merges the weights and takes peft's wrappers off the "
+        f"{_wrapped_layers(base)} layers until unfuse (which restores the base bit-exactly)",
+        FUSED_UNWRAPPED: "diffusers' fuse_lora + unload_lora_weights, for comparison: cannot be unfused or rescaled afterwards",
         "LoRA, unfused": f"rank 4 adds {_lora_flop_share(base.unet):.0%} to the FLOPs of the layers it wraps on the embedded base "
         f"(widths 32-96) vs {_lora_flop_share(_sd15_unet_on_meta()):.1%} on SD 1.5 (320-1280)",
         "ControlNet": f"the branch is a copy of the U-Net's encoder + middle block ({_branch_share(base):.0%} of its parameters), "

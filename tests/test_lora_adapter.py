@@ -152,12 +152,39 @@ def test_fuse_then_unfuse_restores_the_base_bit_exactly(base):
     unfused = unet_output(base)
     adapter.fuse()
     torch.testing.assert_close(unet_output(base), unfused, rtol=0, atol=1e-4)
-    assert not torch.equal(base.unet.down_blocks[0].resnets[0].conv1.base_layer.weight, weights_before["down_blocks.0.resnets.0.conv1.weight"])
+    fused_conv = base.unet.down_blocks[0].resnets[0].conv1
+    assert type(fused_conv) is torch.nn.Conv2d  # peft's wrapper is out of the forward path while fused
+    assert not torch.equal(fused_conv.weight, weights_before["down_blocks.0.resnets.0.conv1.weight"])
     adapter.unfuse()
     assert torch.equal(unet_output(base), unfused)
     adapter.detach()
     after = base.unet.state_dict()
     assert after.keys() == weights_before.keys()
+    assert all(torch.equal(after[k], v) for k, v in weights_before.items())
+
+
+def test_two_fused_loras_match_unfused_and_unfuse_in_reverse_order(base, tmp_path):
+    weights_before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    first, second = LoraAdapter(LoraConfig(rank=2), name="first"), LoraAdapter(LoraConfig(rank=3), name="second")
+    first.attach(base)
+    second.attach(base)
+    randomise(first, seed=3)
+    randomise(second, seed=4)
+    first.set_scale(0.5)
+    both = unet_output(base)
+    first.fuse()
+    second.fuse()
+    torch.testing.assert_close(unet_output(base), both, rtol=0, atol=1e-4)
+    saved = second.save(tmp_path / "second")  # saving while fused sees the LoRA layers
+    assert saved[0].is_file()
+    with pytest.raises(UserError, match="unfuse LoRA 'second' first"):
+        first.unfuse()
+    second.unfuse()
+    first.unfuse()
+    assert torch.equal(unet_output(base), both)
+    first.detach()
+    second.detach()
+    after = base.unet.state_dict()
     assert all(torch.equal(after[k], v) for k, v in weights_before.items())
 
 

@@ -45,7 +45,7 @@ class DataConfig:
     condition_preprocessor: str = _field("", "compute condition maps from the images with this preprocessor (ControlNet)")
     reference: str = _field("", "folder of reference images matched by file stem (IP-Adapter); default: the image itself")
     prior_path: str = _field("", "folder of class images for prior preservation (generated from the base when empty)")
-    prior_prompt: str = _field("", "class prompt for prior preservation; empty = off")
+    prior_prompt: list = _field([], "class prompt(s) for prior preservation (DreamBooth's class_prompt; several are cycled over the class images); empty = off")
     prior_count: int = _field(0, "number of class images (generated if the folder has fewer)", range=(0, 100000))
     prior_loss_weight: float = _field(1.0, "weight of the prior-preservation loss", range=(0.0, 100.0))
     num_workers: int = _field(0, "DataLoader worker processes when images are not cached", range=(0, 64))

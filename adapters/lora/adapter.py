@@ -65,6 +65,7 @@ class LoraAdapter(Adapter):
 
         if self.base is None:
             return
+        self._rewrap()
         if self.is_fused:
             self.unfuse()
         for component in self.components:
@@ -100,13 +101,18 @@ class LoraAdapter(Adapter):
         """Merge ``scale * alpha/r * B @ A`` into the base weights (peft ``merge``).
 
         While fused, peft computes those layers with the merged weight only, so other
-        LoRAs on the same layers should be fused too (as ``pipe.fuse_lora`` does).
+        LoRAs on the same layers should be fused too (as ``pipe.fuse_lora`` does). The
+        merged layers then run without peft's wrapper (see :func:`unwrap_merged_layers`),
+        so a fused LoRA costs what the bare base costs; use this adapter's methods, not
+        diffusers' ``unfuse_lora``, to undo it.
         """
         if self.is_fused:
             return
         for key, layer in self._layers():
             self._weights_before_fuse[key] = layer.get_base_layer().weight.detach().clone()
             layer.merge(adapter_names=[self.name])
+        for component in self.components:
+            unwrap_merged_layers(self._model(component))
 
     def unfuse(self) -> None:
         """Undo :meth:`fuse` bit-exactly: the saved weights are copied back.
@@ -126,6 +132,8 @@ class LoraAdapter(Adapter):
             layer.merged_adapters.remove(self.name)
             getattr(layer, "_caches", {}).pop(f"{self.name}-weight_norm", None)  # DoRA's merge cache
         self._weights_before_fuse = {}
+        for component in self.components:
+            unwrap_merged_layers(self._model(component))  # layers other fused LoRAs still hold
 
     # ---- training ----------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -154,6 +162,7 @@ class LoraAdapter(Adapter):
         """This adapter's weights as :class:`formats.LoraWeights` (peft state dict + peft config)."""
         from peft.utils import get_peft_model_state_dict
 
+        self._rewrap()
         modules, configs = [], {}
         for component in self.components:
             model = self._model(component)
@@ -249,10 +258,17 @@ class LoraAdapter(Adapter):
     def _model(self, component: str) -> torch.nn.Module:
         return self.base.unet if component == formats.UNET else self.base.text_encoder
 
+    def _rewrap(self) -> None:
+        """Put back peft wrappers a fuse() took out, on every model a LoRA may be on."""
+        if self.base is not None:
+            for model in (self.base.unet, self.base.text_encoder):
+                rewrap_layers(model)
+
     def _layers(self) -> list[tuple[str, Any]]:
         """("component/module name", peft LoRA layer) for every layer holding this adapter."""
         from peft.tuners.lora import LoraLayer
 
+        self._rewrap()
         out = []
         for component in self.components:
             for module_name, module in self._model(component).named_modules():
@@ -280,6 +296,7 @@ class LoraAdapter(Adapter):
         )
 
     def _add(self, component: str, peft_config) -> None:
+        self._rewrap()
         model = self._model(component)
         if self.name in (getattr(model, "peft_config", None) or {}):
             raise UserError(f"a LoRA named {self.name!r} is already on the {component}; pick another name")
@@ -296,6 +313,7 @@ class LoraAdapter(Adapter):
     def _load(self, weights: formats.LoraWeights) -> None:
         from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
 
+        self._rewrap()
         for component in formats.COMPONENTS:
             layers = formats.peft_layers(weights, component)
             if not layers:
@@ -317,6 +335,49 @@ class LoraAdapter(Adapter):
         for _, layer in self._layers():
             for param in _adapter_params(layer, self.name):
                 param.requires_grad_(False)
+
+
+# ---- fused layers without peft's wrapper ------------------------------------------------
+# A merged peft layer computes ``base_layer(x)`` and nothing else, yet its Python call
+# costs time on every layer at every step. So fuse() puts the (merged) base layer itself
+# in the wrapper's place, as diffusers' fuse_lora + unload_lora_weights leaves it, but
+# keeps the wrapper in the model's __dict__ (not a submodule: state_dict and
+# named_modules do not see it) until any LoRA operation puts it back.
+_UNWRAPPED = "_condkit_fused_lora_wrappers"
+
+
+def unwrap_merged_layers(model: torch.nn.Module) -> int:
+    """Replace every merged peft LoRA layer of ``model`` by its base layer; undone by :func:`rewrap_layers`.
+
+    Args:
+        model: a U-Net or text encoder carrying peft LoRA layers.
+
+    Returns:
+        How many layers were unwrapped.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    stash = model.__dict__.setdefault(_UNWRAPPED, {})
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and module.merged and not module.disable_adapters:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+            stash[name] = module
+            count += 1
+    return count
+
+
+def rewrap_layers(model: torch.nn.Module | None) -> None:
+    """Put back the peft wrappers :func:`unwrap_merged_layers` took out of ``model`` (if any).
+
+    Args:
+        model: the model given to :func:`unwrap_merged_layers` (None is allowed and ignored).
+    """
+    stash = model.__dict__.pop(_UNWRAPPED, {}) if model is not None else {}
+    for name, wrapper in stash.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, wrapper)
 
 
 # ---- peft helpers (diffusers' set_adapters also flips requires_grad; these keep it) ----

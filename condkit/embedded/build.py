@@ -89,6 +89,13 @@ TOKENIZER_WORDS = (
     "striped dotted checkered pattern style object"
 ).split()
 
+# Rare words for naming a new concept in few-image training ("a photo of sks dog"). In
+# SD's CLIP vocabulary each is one token; here too, so a trigger takes one position like
+# any shape word. They come after the special tokens: the ids of everything above (and
+# the seeded embeddings the shipped U-Net was trained with) stay as they were.
+TRIGGER_WORDS = ("sks", "zwx", "ohwx")
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     # CLIP's byte-level BPE alphabet (the same table transformers' CLIPTokenizer uses),
@@ -116,7 +123,10 @@ def write_tokenizer(out_dir: Path) -> int:
     alphabet = list(_bytes_to_unicode().values())
     vocab = alphabet + [c + "</w>" for c in alphabet]
     merges: list[str] = []
-    for word in TOKENIZER_WORDS:
+
+    def add_word(word: str) -> None:
+        # Left-to-right merges ending in the whole word: later merges rank lower, so the
+        # words added earlier tokenize exactly as before.
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         merged = symbols[0]
         for symbol in symbols[1:]:
@@ -126,7 +136,12 @@ def write_tokenizer(out_dir: Path) -> int:
             merged += symbol
             if merged not in vocab:
                 vocab.append(merged)
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+
+    for word in TOKENIZER_WORDS:
+        add_word(word)
+    vocab += [BOS_TOKEN, EOS_TOKEN]
+    for word in TRIGGER_WORDS:
+        add_word(word)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -135,10 +150,10 @@ def write_tokenizer(out_dir: Path) -> int:
             {
                 "tokenizer_class": "CLIPTokenizer",
                 "model_max_length": 77,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
+                "bos_token": BOS_TOKEN,
+                "eos_token": EOS_TOKEN,
+                "unk_token": EOS_TOKEN,
+                "pad_token": EOS_TOKEN,
                 "do_lower_case": True,
             },
             indent=2,
@@ -165,6 +180,28 @@ def _feature_extractor_config() -> dict:
     }
 
 
+def add_trigger_embeddings(text_encoder: torch.nn.Module, vocab_size: int, seed: int) -> None:
+    """Grow the text encoder's token table to ``vocab_size`` with seeded rows for TRIGGER_WORDS.
+
+    The new rows are drawn like CLIP's own token embeddings (normal, std 0.02), from a
+    generator seeded by ``seed``; existing rows are untouched, so prompts without a
+    trigger word encode exactly as before.
+
+    Args:
+        text_encoder: a ``CLIPTextModel`` whose table is at most ``vocab_size`` rows.
+        vocab_size: the tokenizer's vocabulary size.
+        seed: seed of the new rows.
+    """
+    old = text_encoder.get_input_embeddings().weight
+    extra = vocab_size - old.shape[0]
+    if extra <= 0:
+        return
+    rows = torch.randn(extra, old.shape[1], generator=torch.Generator().manual_seed(seed + 1), dtype=old.dtype) * 0.02
+    text_encoder.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[-extra:] = rows
+
+
 def build_random_base(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the embedded base architecture with seeded random weights as a diffusers folder.
 
@@ -180,14 +217,19 @@ def build_random_base(out_dir: str | Path, seed: int = 0) -> Path:
 
     out_dir = Path(out_dir)
     vocab_size = write_tokenizer(out_dir / "tokenizer")
-    eos_id = vocab_size - 1
+    vocab = json.loads((out_dir / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    bos_id, eos_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN]
     torch.manual_seed(seed)
     UNet2DConditionModel(**UNET_CONFIG).save_pretrained(out_dir / "unet")
     AutoencoderKL(**VAE_CONFIG).save_pretrained(out_dir / "vae")
+    # Built at the size the vocabulary had before TRIGGER_WORDS (eos_id + 1), so every seeded
+    # draw is as it was; the trigger rows are then appended from their own seed.
     text_config = CLIPTextConfig(
-        vocab_size=vocab_size, bos_token_id=eos_id - 1, eos_token_id=eos_id, pad_token_id=eos_id, **TEXT_ENCODER_CONFIG
+        vocab_size=eos_id + 1, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id, **TEXT_ENCODER_CONFIG
     )
-    CLIPTextModel(text_config).save_pretrained(out_dir / "text_encoder")
+    text_encoder = CLIPTextModel(text_config)
+    add_trigger_embeddings(text_encoder, vocab_size, seed)
+    text_encoder.save_pretrained(out_dir / "text_encoder")
     CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)).save_pretrained(out_dir / "image_encoder")
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
     (out_dir / "feature_extractor").mkdir(parents=True, exist_ok=True)
