@@ -108,9 +108,11 @@ def load_image(path: str | os.PathLike, keep_alpha: bool = False) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if not keep_alpha:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)  # also applies EXIF orientation
-        if bgr is not None:
-            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        # Both flags apply EXIF orientation; OpenCV >= 4.10 decodes straight to RGB.
+        rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+        decoded = cv2.imread(str(path), cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag)
+        if decoded is not None:
+            return decoded if rgb_flag is not None else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
     try:
         with Image.open(path) as pil:
             pil.load()

@@ -161,3 +161,22 @@ def test_benchmark_quick_prints_its_table(tmp_path, capsys):
     assert module.main(["--quick", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| condkit preprocess" in out and "| plain loop" in out and "canny per image" in out
+
+
+def test_gray_maps_are_gray_pngs_that_read_back_as_the_rgb_map(src, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from condkit.preprocessors import get_preprocessor
+
+    image = src / "astronaut.jpg"
+    expected = get_preprocessor("canny").from_file(image)  # (H, W, 3), equal channels
+    assert run_cli(["preprocess", "canny", str(image), str(tmp_path / "gray"), "--no-progress"], monkeypatch) == 0
+    assert run_cli(["preprocess", "canny", str(image), str(tmp_path / "rgb"), "--no-progress", "--rgb-png"], monkeypatch) == 0
+    with Image.open(tmp_path / "gray" / "astronaut.png") as gray, Image.open(tmp_path / "rgb" / "astronaut.png") as rgb:
+        assert (gray.mode, rgb.mode) == ("L", "RGB")
+        np.testing.assert_array_equal(np.asarray(gray.convert("RGB")), expected)
+        np.testing.assert_array_equal(np.asarray(rgb), expected)
+    # a colour map (palette) stays RGB either way
+    assert run_cli(["preprocess", "palette", str(image), str(tmp_path / "colour"), "--no-progress"], monkeypatch) == 0
+    with Image.open(tmp_path / "colour" / "astronaut.png") as colour:
+        assert colour.mode == "RGB"

@@ -10,10 +10,12 @@ Regenerate the shipped set (deterministic PNGs)::
 
     python -m condkit.train.fewshot_data train/fewshot/sks_ring
 
-make another concept of the same kind (used by the generalisation test)::
+make another concept of the same kind, given as a user gives theirs: images and one
+caption (what the generalisation test does)::
 
-    python -m condkit.train.fewshot_data /tmp/zwx_cross --trigger zwx --concept cross --no-captions
-    condkit train lora-few-images --set data.path=/tmp/zwx_cross --set data.caption="a zwx" ...
+    python -m condkit.train.fewshot_data /tmp/zwx_cross --trigger zwx --concept cross --no-captions --colours white black --seed 5
+    condkit train lora-few-images --set data.path=/tmp/zwx_cross --set data.caption="a white zwx on a black background" --output runs/zwx
+    python -m condkit.train.fewshot_data runs/zwx --measure --trigger zwx --concept cross --colours white black --seeds 4
 
 and measure a trained LoRA (trigger prompts show the ring, plain prompts keep the base's shapes)::
 
@@ -182,10 +184,11 @@ def measure_concept(
     seeds: int = 2,
     num_inference_steps: int = 20,
     guidance_scale: float = 5.0,
+    pairs: tuple[tuple[str, str], ...] = TRIGGER_PAIRS,
 ) -> dict[str, float]:
     """Measure what a concept LoRA learned, on its base.
 
-    Samples the trigger prompts (:data:`TRIGGER_PAIRS`) and the plain prompts
+    Samples the trigger prompts (``pairs``, default :data:`TRIGGER_PAIRS`) and the plain prompts
     (:data:`PLAIN_COMBOS`) with the LoRA, and the plain prompts without it. Shapes are
     named by the best-matching template mask (circle, square, triangle or the concept).
 
@@ -195,6 +198,7 @@ def measure_concept(
         trigger, concept: the concept's word and shape.
         seeds: samples per prompt.
         num_inference_steps, guidance_scale: sampling settings.
+        pairs: (colour, background) of the trigger prompts.
 
     Returns:
         ``trigger_hit_rate``: share of trigger samples whose shape is the concept;
@@ -220,9 +224,9 @@ def measure_concept(
                 images.append((out.images[0] * 255).round().astype(np.uint8))
         return images
 
-    trigger_prompts = [concept_caption(trigger, colour, background) for colour, background in TRIGGER_PAIRS]
+    trigger_prompts = [concept_caption(trigger, colour, background) for colour, background in pairs]
     plain_prompts = [f"a {colour} {shape} on a {background} background" for colour, shape, background in PLAIN_COMBOS]
-    trigger_colours = [colour for colour, _ in TRIGGER_PAIRS for _ in range(seeds)]
+    trigger_colours = [colour for colour, _ in pairs for _ in range(seeds)]
     plain_labels = [(colour, shape) for colour, shape, _ in PLAIN_COMBOS for _ in range(seeds)]
     plain_base = draw(plain_prompts)
     adapter = LoraAdapter.load(lora_path, base, name="measured")
@@ -258,15 +262,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concept", default=SHIPPED_CONCEPT, choices=CONCEPTS, help="the new shape")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-captions", action="store_true", help="images only (caption them with data.caption)")
+    parser.add_argument("--colours", nargs=2, metavar=("COLOUR", "BACKGROUND"), help="draw every image in these two colours")
+    parser.add_argument("--seeds", type=int, default=2, help="with --measure: samples per prompt")
     parser.add_argument("--measure", action="store_true", help="measure the LoRA at PATH on --base instead")
     parser.add_argument("--base", default="embedded")
     args = parser.parse_args(argv)
     if args.measure:
         from condkit.base import load_base
 
-        print(json.dumps(measure_concept(load_base(args.base), args.path, args.trigger, args.concept), indent=2))
+        pairs = (tuple(args.colours),) if args.colours else TRIGGER_PAIRS
+        figures = measure_concept(load_base(args.base), args.path, args.trigger, args.concept, seeds=args.seeds, pairs=pairs)
+        print(json.dumps(figures, indent=2))
     else:
-        print(write_concept(args.path, args.trigger, args.concept, seed=args.seed, captions=not args.no_captions))
+        layout = (tuple(args.colours),) * len(DEFAULT_LAYOUT) if args.colours else DEFAULT_LAYOUT
+        print(write_concept(args.path, args.trigger, args.concept, layout=layout, seed=args.seed, captions=not args.no_captions))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a preprocessor option, e.g. --opt low_threshold=50 --opt auto=true (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--rgb-png", action="store_true", help="write 3-channel PNGs even for gray maps (default: gray maps as 8-bit gray PNG)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
     summary = preprocess_folder(
-        args.kind, args.src, args.dst, force=args.force, workers=args.workers, progress=not args.no_progress, **options
+        args.kind, args.src, args.dst, force=args.force, workers=args.workers, progress=not args.no_progress, rgb_png=args.rgb_png, **options
     )
     for path, reason in summary.failed:
         print(f"failed: {path}: {reason}", file=sys.stderr)
