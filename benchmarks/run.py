@@ -46,7 +46,12 @@ embeddings come from the cache). The one candidate: building the loop's AdamW wi
 steps, batch 8): LoRA condkit / floor 1.02x -> 0.97x, condkit / reference 0.79x -> 0.78x.
 It was tried and reverted: with it, test_reliability's kill -9 resume test fails
 (the resumed LoRA differs from the uninterrupted one; passes with the default AdamW), so
-it needs that fixed before it can go in. The loop keeps torch's default AdamW. The floor uses the loop's own optimizer."""
+it needs that fixed before it can go in. The loop keeps torch's default AdamW. The floor uses the loop's own optimizer.
+
+Fused LoRA inference: the profile of a fused pipeline showed peft's wrapper call on every
+wrapped layer (the merged layer computes `base_layer(x)` and nothing else). `LoraAdapter.fuse`
+now puts the merged base layer in the wrapper's place and keeps the wrapper aside until
+unfuse (which still restores the base bit-exactly): fused / bare base 1.06x -> 1.00x."""
 
 
 def build_report(rows, machine: dict[str, str], command: str, seconds: float) -> str:
