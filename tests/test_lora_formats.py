@@ -135,7 +135,8 @@ def test_foreign_kohya_file_imports_exactly(pristine, tmp_path):
     for name in {k.split(".")[0] for k in tensors}:
         component, module_path = table[name]
         model = base.unet if component == "unet" else base.text_encoder
-        layer = model.get_submodule(formats.model_path(model, component, module_path)).get_base_layer()
+        layer = model.get_submodule(formats.model_path(model, component, module_path))
+        assert type(layer) in (torch.nn.Linear, torch.nn.Conv2d)  # fused: the merged plain layer, no peft wrapper
         original = before[module_path] if component == "unet" else before_te
         delta = layer.weight.detach().double() - original.double()
         torch.testing.assert_close(delta, _expected_delta(tensors, name), rtol=1e-5, atol=1e-6)
