@@ -88,12 +88,20 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
             os.replace(final, old)
         os.replace(tmp, final)
     except OSError as exc:
+        _put_back(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{final}: cannot write ({exc.strerror or exc}); any previous version is untouched") from None
     except BaseException:
+        _put_back(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _put_back(old: Path, final: Path) -> None:
+    # The previous folder was moved aside but the new one never arrived: restore it.
+    if old.exists() and not final.exists():
+        os.replace(old, final)
 
 
 def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> None:

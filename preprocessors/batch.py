@@ -26,7 +26,7 @@ from condkit.preprocessors.registry import Preprocessor, get_preprocessor
 # No PNG row filter: condition maps are mostly flat regions and sharp lines, which
 # deflate compresses well as they are; the default adaptive filtering costs ~30% of the
 # encode time and gives bigger files on edge maps (43 vs 27 KiB for a 512 px canny map).
-PNG_PARAMS = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+PNG_PARAMS = (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 

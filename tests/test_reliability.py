@@ -122,6 +122,28 @@ def test_full_disk_is_one_line_naming_the_file(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_folder_swap_that_fails_keeps_the_previous_folder(monkeypatch, tmp_path):
+    import condkit.io as io
+
+    final = tmp_path / "controlnet"
+    final.mkdir()
+    (final / "weights.safetensors").write_bytes(b"old")
+    real_replace = io.os.replace
+
+    def replace(src, dst):  # moving the old folder aside works; moving the new one in fails
+        if Path(src).name.startswith(".controlnet.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(UserError) as err:
+        with io.atomic_folder(final) as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"new")
+    assert str(final) in str(err.value) and "\n" not in str(err.value)
+    assert (final / "weights.safetensors").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["controlnet"]
+
+
 @pytest.mark.slow
 def test_two_process_training_keeps_ranks_identical(lora_recipe, tmp_path):
     import json

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -270,18 +269,6 @@ def to_flat_state_dict(projection: torch.nn.Module, processors: list[torch.nn.Mo
     return flat
 
 
-def write_folder_atomic(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Fill a folder through ``write`` and swap it in atomically (see :func:`condkit.io.atomic_folder`).
-
-    Args:
-        final: the folder to create or replace.
-        write: fills the temporary folder it is given.
-    """
-    with atomic_folder(final) as tmp:
-        write(tmp)
-    return Path(final)
-
-
 def save_image_encoder(image_encoder, feature_extractor, folder: str | os.PathLike) -> Path:
     """Save the CLIP image encoder (and its image processor) as a folder, atomically.
 
@@ -291,9 +278,8 @@ def save_image_encoder(image_encoder, feature_extractor, folder: str | os.PathLi
         folder: destination (``OUT/image_encoder``).
     """
 
-    def write(tmp: Path) -> None:
+    with atomic_folder(folder) as tmp:
         image_encoder.save_pretrained(tmp, safe_serialization=True)
         if feature_extractor is not None:
             feature_extractor.save_pretrained(tmp)
-
-    return write_folder_atomic(folder, write)
+    return Path(folder)

@@ -111,8 +111,7 @@ class LoraAdapter(Adapter):
         for key, layer in self._layers():
             self._weights_before_fuse[key] = layer.get_base_layer().weight.detach().clone()
             layer.merge(adapter_names=[self.name])
-        for component in self.components:
-            unwrap_merged_layers(self._model(component))
+        self._unwrap()
 
     def unfuse(self) -> None:
         """Undo :meth:`fuse` bit-exactly: the saved weights are copied back.
@@ -132,8 +131,7 @@ class LoraAdapter(Adapter):
             layer.merged_adapters.remove(self.name)
             getattr(layer, "_caches", {}).pop(f"{self.name}-weight_norm", None)  # DoRA's merge cache
         self._weights_before_fuse = {}
-        for component in self.components:
-            unwrap_merged_layers(self._model(component))  # layers other fused LoRAs still hold
+        self._unwrap()  # layers other fused LoRAs still hold
 
     # ---- training ----------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -263,6 +261,12 @@ class LoraAdapter(Adapter):
         if self.base is not None:
             for model in (self.base.unet, self.base.text_encoder):
                 rewrap_layers(model)
+
+    def _unwrap(self) -> None:
+        """Take merged layers out of peft's wrappers on every model a LoRA may be on."""
+        for model in (self.base.unet, self.base.text_encoder):
+            if model is not None:
+                unwrap_merged_layers(model)
 
     def _layers(self) -> list[tuple[str, Any]]:
         """("component/module name", peft LoRA layer) for every layer holding this adapter."""
