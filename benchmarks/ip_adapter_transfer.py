@@ -8,8 +8,10 @@ samples the prompt ``a shape`` once with the base alone and once with the adapte
 seeds), and compares each output with its reference: the shapes-world reading of the
 output's shape colour and background (condkit.train.shapes_metrics) against the
 reference's labels, the colour-histogram intersection and the cosine similarity in the
-image encoder's space (condkit.adapters.ip_adapter.metrics). Prints a table and
-optionally writes JSON.
+image encoder's space (condkit.adapters.ip_adapter.metrics). It also measures whether
+the denoiser uses the reference at all: the loss on the held-out targets with another
+target's reference over the loss with their own (``wrong_over_right``), for the trained
+adapter and for a freshly initialised one. Prints a table and optionally writes JSON.
 """
 
 from __future__ import annotations
@@ -24,18 +26,16 @@ import torch
 
 
 def held_out_references(per_combo: int, seed: int = 2024):
-    """(PIL reference, (colour, shape, background)) for each held-out combo, ``per_combo`` placements each."""
+    """(PIL reference, (colour, shape, background), target image) for each held-out combo,
+    ``per_combo`` placements each; the target shows the reference's combo elsewhere."""
     from PIL import Image
 
     from condkit.train.shapes_world import HELD_OUT_COMBOS, ShapesWorld
 
     world = ShapesWorld(seed=seed, include_held_out=True)
     rng = np.random.default_rng(seed)
-    return [
-        (Image.fromarray(world.draw(*combo, rng).reference), combo)
-        for combo in HELD_OUT_COMBOS
-        for _ in range(per_combo)
-    ]
+    samples = [world.draw(*combo, rng) for combo in HELD_OUT_COMBOS for _ in range(per_combo)]
+    return [(Image.fromarray(s.reference), (s.colour, s.shape, s.background), s.image) for s in samples]
 
 
 def sample(base, adapter, references, args) -> list:
@@ -62,9 +62,9 @@ def score(outputs, pairs, image_encoder, feature_extractor) -> dict[str, float]:
     from condkit.train.shapes_metrics import read_image
 
     readings = [read_image(np.asarray(out)) for out in outputs]
-    colour = [r.colour == c for r, (_, (c, _, _)) in zip(readings, pairs)]
-    background = [r.background == b for r, (_, (_, _, b)) in zip(readings, pairs)]
-    report = similarity_report([ref for ref, _ in pairs], outputs, image_encoder, feature_extractor)
+    colour = [r.colour == c for r, (_, (c, _, _), _) in zip(readings, pairs)]
+    background = [r.background == b for r, (_, (_, _, b), _) in zip(readings, pairs)]
+    report = similarity_report([ref for ref, _, _ in pairs], outputs, image_encoder, feature_extractor)
     return {
         "shape_colour_match": float(np.mean(colour)),
         "background_match": float(np.mean(background)),
@@ -88,10 +88,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--grid", type=Path, help="write a PNG: references / base alone / with the adapter, one column per combo")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from condkit.adapters.ip_adapter import IPAdapter
+    from condkit.adapters.ip_adapter import IPAdapter, IPAdapterConfig
+    from condkit.adapters.ip_adapter.metrics import reference_dependence
     from condkit.base import load_base
     from condkit.io import write_json_atomic
 
@@ -109,16 +111,29 @@ def main() -> None:
 
     base = load_base(args.base)
     pairs = held_out_references(args.per_combo)
-    references = [ref for ref, _ in pairs]
+    references = [ref for ref, _, _ in pairs]
     adapter = IPAdapter.load(args.adapter, base)
     encoder, processor = adapter.image_encoder, adapter.feature_extractor
     adapter.detach()
-    results["base"] = score(sample(base, None, references, args), pairs, encoder, processor)
+    base_outputs = sample(base, None, references, args)
+    results["base"] = score(base_outputs, pairs, encoder, processor)
     adapter.attach(base)
-    results["ip_adapter"] = score(sample(base, adapter, references, args), pairs, encoder, processor)
+    adapter_outputs = sample(base, adapter, references, args)
+    results["ip_adapter"] = score(adapter_outputs, pairs, encoder, processor)
+    # Does the denoiser use the reference? Loss with another target's reference over the
+    # right one, for the trained adapter and for a freshly initialised one.
+    images, arrays = [image for _, _, image in pairs], [np.asarray(ref) for ref in references]
+    results["ip_adapter"].update(reference_dependence(adapter, base, images, arrays, args.prompt, seed=args.seed, repeats=4))
+    adapter.detach()
+    torch.manual_seed(args.seed)
+    own_encoder = args.adapter / "image_encoder"
+    encoder_path = str(own_encoder) if (own_encoder / "config.json").is_file() else ""
+    fresh = IPAdapter(IPAdapterConfig(variant=adapter.config.variant, num_tokens=adapter.config.num_tokens, image_encoder=encoder_path))
+    fresh.attach(base)
+    results["base"].update(reference_dependence(fresh, base, images, arrays, args.prompt, seed=args.seed, repeats=4))
     results["settings"] = {"references": len(pairs), "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance}
 
-    print(f"{'figure':24s} {'base':>8s} {'ip_adapter':>11s}")
+    print(f"{'figure':24s} {'base*':>8s} {'ip_adapter':>11s}   (*loss figures: a freshly initialised adapter)")
     for key in results["base"]:
         print(f"{key:24s} {results['base'][key]:8.3f} {results['ip_adapter'][key]:11.3f}")
     for key in ("train_seconds", "train_cpu_seconds"):
@@ -126,6 +141,11 @@ def main() -> None:
             print(f"{key}: {results[key]:.0f}")
     if args.json:
         write_json_atomic(args.json, results)
+    if args.grid:  # one column per held-out combo: reference / base alone / with the adapter
+        from condkit.train.validation import make_grid, save_grid
+
+        first = slice(0, None, args.per_combo)
+        save_grid(make_grid([references[first], base_outputs[first], adapter_outputs[first]]), args.grid)
 
 
 if __name__ == "__main__":

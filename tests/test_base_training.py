@@ -12,7 +12,9 @@ import torch
 from condkit.adapters.full_unet import FullUnetAdapter, FullUnetConfig
 from condkit.adapters.registry import detect_kind, load_adapter
 from condkit.base import load_base
+from condkit.embedded import EMBEDDED_BASE_DIR
 from condkit.errors import UserError
+from condkit.io import load_state_dict
 from condkit.train.vae import load_vae_recipe, train_vae
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,14 +100,21 @@ def test_base_recipes_validate():
         assert (REPO / "recipes" / "base" / path).read_text().startswith("# ")
 
 
-def test_vae_recipe_rejects_unknown_keys_and_bad_values(tmp_path):
-    bad = tmp_path / "vae.yaml"
+@pytest.mark.parametrize(
+    "module, loader, key",
+    [("condkit.train.vae", "load_vae_recipe", "learning_rate: -1"), ("condkit.train.image_encoder", "load_image_encoder_recipe", "max_steps: 0")],
+)
+def test_stage_recipes_reject_unknown_keys_and_bad_values(tmp_path, module, loader, key):
+    import importlib
+
+    load = getattr(importlib.import_module(module), loader)
+    bad = tmp_path / "stage.yaml"
     bad.write_text("max_stepz: 3\n")
     with pytest.raises(UserError, match="max_stepz"):
-        load_vae_recipe(bad)
-    bad.write_text("learning_rate: -1\n")
-    with pytest.raises(UserError, match="learning_rate"):
-        load_vae_recipe(bad)
+        load(bad)
+    bad.write_text(key + "\n")
+    with pytest.raises(UserError, match=key.split(":")[0]):
+        load(bad)
 
 
 def test_vae_stage_writes_a_loadable_base_with_latent_scaling(tmp_path):
@@ -117,3 +126,41 @@ def test_vae_stage_writes_a_loadable_base_with_latent_scaling(tmp_path):
     assert scaling == pytest.approx(1.0 / summary["latent_std"])
     assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] == pytest.approx(scaling)
     assert len((tmp_path / "vae" / "vae_log.jsonl").read_text().splitlines()) == 3
+
+
+def test_image_encoder_stage_changes_only_the_image_encoder(tmp_path):
+    from condkit.train.image_encoder import (
+        load_image_encoder_recipe,
+        train_image_encoder,
+    )
+
+    recipe = dataclasses.replace(
+        load_image_encoder_recipe(REPO / "recipes" / "base" / "image_encoder.yaml"), max_steps=2, batch_size=4, eval_per_combo=1, log_every=1
+    )
+    folder = train_image_encoder(recipe, tmp_path / "enc")
+    source = EMBEDDED_BASE_DIR
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (folder / part).read_bytes() == (source / part).read_bytes(), part
+    trained = load_state_dict(folder / "image_encoder" / "model.safetensors")
+    shipped = load_state_dict(source / "image_encoder" / "model.safetensors")
+    assert trained.keys() == shipped.keys()
+    assert any(not torch.equal(trained[k], shipped[k]) for k in trained)
+    summary = json.loads((tmp_path / "enc" / "image_encoder_summary.json").read_text())
+    assert set(summary["held_out_accuracy"]) == {"colour", "shape", "background"}
+    assert load_base(str(folder)).image_encoder is not None
+
+    # Installing the stage into a base swaps in the encoder and adds to the provenance.
+    import shutil
+
+    from condkit.embedded.install import install_image_encoder
+
+    installed = tmp_path / "installed"
+    shutil.copytree(source, installed)
+    install_image_encoder(tmp_path / "enc", installed)
+    assert (installed / "image_encoder" / "model.safetensors").read_bytes() == (folder / "image_encoder" / "model.safetensors").read_bytes()
+    assert (installed / "unet" / "config.json").read_bytes() == (source / "unet" / "config.json").read_bytes()
+    provenance = json.loads((installed / "provenance.json").read_text())
+    before = json.loads((source / "provenance.json").read_text())
+    assert provenance["image_encoder_stage"]["held_out_accuracy"] == summary["held_out_accuracy"]
+    assert all(provenance[key] == value for key, value in before.items() if key != "image_encoder_stage")
+    assert (installed / "TRAINING.md").is_file() and not list(tmp_path.glob(".installed*"))

@@ -20,11 +20,13 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_shipped_recipe_validates(path):
     first_line = path.read_text().splitlines()[0]
-    if "condkit.train.vae" in first_line:  # the base's VAE stage has its own small schema
-        from condkit.train.vae import load_vae_recipe
+    stages = {"condkit.train.vae": "load_vae_recipe", "condkit.train.image_encoder": "load_image_encoder_recipe"}
+    stage = next((module for module in stages if f"python -m {module} " in first_line), None)
+    if stage is not None:  # the base's own VAE and image-encoder stages have small flat schemas
+        import importlib
 
-        assert first_line.startswith("# python -m condkit.train.vae")
-        assert load_vae_recipe(path).max_steps >= 1
+        assert first_line.startswith(f"# python -m {stage} {path.relative_to(REPO)}")
+        assert getattr(importlib.import_module(stage), stages[stage])(path).max_steps >= 1
         return
     assert first_line.startswith("# condkit train"), "a recipe starts with the command that runs it"
     recipe = load_recipe(path)

@@ -20,6 +20,7 @@ from condkit.train.shapes_world import (
     caption_for,
     draw_shape,
     parse_caption,
+    partial_caption,
     training_combos,
     write_dataset,
 )
@@ -131,6 +132,31 @@ def test_write_dataset_folder_format(tmp_path):
         assert np.array_equal(np.asarray(Image.open(out / row["reference_file_name"])), sample.reference)
         assert (row["colour"], row["shape"], row["background"]) == (sample.colour, sample.shape, sample.background)
     assert not list(out.rglob("*.tmp"))
+
+
+def test_partial_captions_leave_out_each_subset_and_keep_the_images():
+    rng = np.random.default_rng(0)
+    captions = {partial_caption("red", "circle", "blue", rng) for _ in range(400)}
+    assert captions == {
+        "a red shape", "a circle", "a shape on a blue background", "a red circle",
+        "a red shape on a blue background", "a circle on a blue background", "a shape",
+    }
+    full, partial = ShapesWorld(5), ShapesWorld(5, partial_captions=0.5)
+    samples = [(full.sample(i), partial.sample(i)) for i in range(200)]
+    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.reference, b.reference) for a, b in samples)
+    changed = [b.caption for a, b in samples if a.caption != b.caption]
+    assert 0.35 < len(changed) / len(samples) < 0.65
+    assert all(parse_caption(c) is None for c in changed)  # never the full caption
+
+
+def test_data_config_partial_captions_reach_the_records():
+    from condkit.train.config import DataConfig
+    from condkit.train.data import find_records
+
+    records = find_records(DataConfig(path="shapes", shapes_count=50, shapes_partial_captions=1.0), seed=2)
+    assert all(parse_caption(r.caption) is None and r.caption.startswith("a ") for r in records)
+    full = find_records(DataConfig(path="shapes", shapes_count=50), seed=2)
+    assert all(parse_caption(r.caption) is not None for r in full)
 
 
 def test_write_dataset_reads_back_through_the_training_data_loader(tmp_path):

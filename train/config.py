@@ -42,6 +42,9 @@ class DataConfig:
     cache: str = _field("memory", "cache VAE latents and text embeddings when nothing upstream trains", choices=("memory", "disk", "off"))
     repeats: int = _field(1, "how often each image appears per epoch", range=(1, 10000))
     shapes_count: int = _field(2000, "number of samples when path is 'shapes'", range=(1, 1_000_000))
+    shapes_partial_captions: float = _field(
+        0.0, "share of shapes-world captions that leave out some of colour, shape and background (IP-Adapter: the reference supplies them)", range=(0.0, 1.0)
+    )
     condition_preprocessor: str = _field("", "compute condition maps from the images with this preprocessor (ControlNet)")
     reference: str = _field("", "folder of reference images matched by file stem (IP-Adapter); default: the image itself")
     prior_path: str = _field("", "folder of class images for prior preservation (generated from the base when empty)")
@@ -312,3 +315,57 @@ def describe_schema() -> str:
                 extra = f" ({' / '.join(f.metadata['choices'])})"
             lines.append(f"| `{name}.{f.name}` | `{default!r}` | {f.metadata['help']}{extra} |")
     return "\n".join(lines)
+
+
+def load_stage_recipe(path: str | Path, recipe_class: type):
+    """Read a flat YAML recipe of one of the embedded base's own stages (VAE, image encoder).
+
+    Those stages are not ``condkit train`` recipes (their objectives differ), so their
+    settings are one flat frozen dataclass whose ``__post_init__`` checks the values.
+
+    Args:
+        path: the YAML file.
+        recipe_class: the stage's recipe dataclass.
+
+    Raises:
+        UserError: missing file, unknown key (named, with the known ones) or bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file")
+    data = yaml.safe_load(path.read_text()) or {}
+    known = {field.name for field in dataclasses.fields(recipe_class)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    try:
+        return recipe_class(**data)
+    except TypeError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def run_stage_cli(argv: list[str] | None, description: str, load, train) -> int:
+    """The command line both base stages share: ``RECIPE --output DIR [--max-steps N] [--threads N]``.
+
+    Args:
+        argv: arguments (None = ``sys.argv``).
+        description: the ``--help`` line.
+        load: the stage's recipe loader (path -> frozen recipe dataclass with ``max_steps``).
+        train: the stage's trainer (recipe, output folder -> written base folder).
+    """
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("recipe")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = load(args.recipe)
+    if args.max_steps is not None:
+        recipe = dataclasses.replace(recipe, max_steps=args.max_steps)
+    print(train(recipe, args.output))
+    return 0

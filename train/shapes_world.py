@@ -106,6 +106,23 @@ def caption_for(colour: str, shape: str, background: str) -> str:
     return CAPTION_TEMPLATE.format(colour=colour, shape=shape, background=background)
 
 
+def partial_caption(colour: str, shape: str, background: str, rng: np.random.Generator) -> str:
+    """A caption that leaves out a random non-empty subset of colour, shape and background.
+
+    ``a red shape``, ``a circle on a blue background``, ..., ``a shape`` (all left out);
+    each of the 7 subsets is equally likely. An image condition (IP-Adapter) must then
+    supply what the text does not say, as real captions never say everything.
+
+    Args:
+        colour, shape, background: the sample's labels.
+        rng: where the subset is drawn from.
+    """
+    left_out = int(rng.integers(1, 8))  # a bit mask over (colour, shape, background), never 0
+    keep_colour, keep_shape, keep_background = (not (left_out >> bit) & 1 for bit in range(3))
+    words = ["a"] + ([colour] if keep_colour else []) + [shape if keep_shape else "shape"]
+    return " ".join(words) + (f" on a {background} background" if keep_background else "")
+
+
 def parse_caption(caption: str) -> tuple[str, str, str] | None:
     """The (colour, shape, background) a shapes-world caption asks for, or None if it is not one."""
     words = caption.strip().lower().split()
@@ -171,20 +188,27 @@ class ShapesWorld:
         seed: sample ``i`` depends only on ``(seed, i)``.
         size: image side in pixels (the embedded base's native 64).
         include_held_out: also draw :data:`HELD_OUT_COMBOS` (False for training data).
+        partial_captions: share of samples captioned by :func:`partial_caption` instead
+            of the full caption (drawn per sample, so it depends only on ``(seed, i)``).
     """
 
-    def __init__(self, seed: int = 0, size: int = 64, include_held_out: bool = False) -> None:
+    def __init__(self, seed: int = 0, size: int = 64, include_held_out: bool = False, partial_captions: float = 0.0) -> None:
         if size < 32:
             raise UserError(f"shapes world size {size}: must be at least 32 pixels")
         self.seed = int(seed)
         self.size = int(size)
         self.combos = all_combos() if include_held_out else training_combos()
+        self.partial_captions = float(partial_captions)
 
     def sample(self, index: int) -> ShapeSample:
         """Sample number ``index`` (any non-negative int)."""
         rng = np.random.default_rng([self.seed, int(index)])
         colour, shape, background = self.combos[int(rng.integers(len(self.combos)))]
-        return self.draw(colour, shape, background, rng)
+        sample = self.draw(colour, shape, background, rng)
+        caption_rng = np.random.default_rng([self.seed, int(index), 1])  # its own stream: images stay as they were
+        if caption_rng.random() < self.partial_captions:
+            sample = dataclasses.replace(sample, caption=partial_caption(colour, shape, background, caption_rng))
+        return sample
 
     def draw(self, colour: str, shape: str, background: str, rng: np.random.Generator) -> ShapeSample:
         """Draw a given combo at a random placement from ``rng`` (plus its reference image)."""

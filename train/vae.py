@@ -13,7 +13,6 @@ from the recipe's ``base`` (the shipped random text encoder stays as it is).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -23,9 +22,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import yaml
 
 from condkit.errors import UserError
+from condkit.train.config import load_stage_recipe, run_stage_cli
 from condkit.train.shapes_world import ShapesWorld
 
 
@@ -74,18 +73,7 @@ def load_vae_recipe(path: str | Path) -> VaeRecipe:
     Args:
         path: the YAML file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such recipe file")
-    data = yaml.safe_load(path.read_text()) or {}
-    known = {field.name for field in dataclasses.fields(VaeRecipe)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    try:
-        return VaeRecipe(**data)
-    except TypeError as exc:
-        raise UserError(f"{path}: {exc}") from None
+    return load_stage_recipe(path, VaeRecipe)
 
 
 def image_batch(world: ShapesWorld, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,19 +206,8 @@ def train_vae(recipe: VaeRecipe, output_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m condkit.train.vae RECIPE --output DIR [--max-steps N]``."""
-    parser = argparse.ArgumentParser(description="Train the embedded base's VAE on the shapes world.")
-    parser.add_argument("recipe")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    recipe = load_vae_recipe(args.recipe)
-    if args.max_steps is not None:
-        recipe = dataclasses.replace(recipe, max_steps=args.max_steps)
-    print(train_vae(recipe, args.output))
-    return 0
+    """``python -m condkit.train.vae RECIPE --output DIR [--max-steps N] [--threads N]``."""
+    return run_stage_cli(argv, "Train the embedded base's VAE on the shapes world.", load_vae_recipe, train_vae)
 
 
 if __name__ == "__main__":

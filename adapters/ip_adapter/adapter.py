@@ -429,7 +429,7 @@ class IPAdapter(Adapter):
         }
 
 
-def default_validation_references(count: int = 4, size: int = 64) -> list:
+def default_validation_references(count: int = 8, size: int = 64) -> list:
     """Reference images of held-out shapes-world combos (never in training data)."""
     from PIL import Image
 

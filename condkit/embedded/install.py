@@ -5,19 +5,23 @@ stage's folder (``runs/base_vae/base``: trained VAE + the other components) and 
 U-Net run (``runs/base_unet/unet``, written by the ``full_unet`` adapter), and writes
 them as ``condkit/embedded/base/`` (replaced atomically), plus ``provenance.json``
 recording both recipes, seeds, the git commit and the stage timings.
+
+``python -m condkit.embedded.install --image-encoder runs/base_image_encoder`` puts the
+image-encoder stage's trained ``image_encoder/`` into the installed base and adds that
+stage to ``provenance.json`` (the other components and records stay as they are).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from condkit.embedded import EMBEDDED_BASE_DIR
 from condkit.errors import UserError
+from condkit.io import atomic_folder
 
 PROVENANCE_FILE = "provenance.json"
 KEPT_FILES = ("TRAINING.md",)  # hand-written notes beside the weights survive a reinstall
@@ -47,13 +51,6 @@ def install(vae_run: str | Path, unet_run: str | Path, dest: str | Path = EMBEDD
     for required in (vae_run / "base" / "model_index.json", unet_run / "unet" / "config.json"):
         if not required.is_file():
             raise UserError(f"{required}: missing (run the base recipes first; see recipes/base/)")
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(vae_run / "base", tmp, ignore=shutil.ignore_patterns("unet", "__pycache__"))
-    shutil.copytree(unet_run / "unet", tmp / "unet")
-    for name in KEPT_FILES:
-        if (dest / name).is_file():
-            shutil.copy2(dest / name, tmp / name)
     vae_summary = json.loads((vae_run / "vae_summary.json").read_text())
     unet_summary = json.loads((unet_run / "run.json").read_text()) if (unet_run / "run.json").is_file() else {}
     provenance = {
@@ -61,23 +58,60 @@ def install(vae_run: str | Path, unet_run: str | Path, dest: str | Path = EMBEDD
         "vae_stage": {"recipe": "recipes/base/vae.yaml", **vae_summary},
         "unet_stage": {"recipe": "recipes/base/unet.yaml", **unet_summary},
     }
-    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(dest) as tmp:
+        shutil.copytree(vae_run / "base", tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet", "__pycache__"))
+        shutil.copytree(unet_run / "unet", tmp / "unet")
+        for name in KEPT_FILES:
+            if (dest / name).is_file():
+                shutil.copy2(dest / name, tmp / name)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return dest
+
+
+def install_image_encoder(run: str | Path, dest: str | Path = EMBEDDED_BASE_DIR) -> Path:
+    """Put the image-encoder stage's trained encoder into an installed base.
+
+    Args:
+        run: output folder of ``python -m condkit.train.image_encoder`` (holds
+            ``base/image_encoder/`` and ``image_encoder_summary.json``).
+        dest: the installed base; everything but ``image_encoder/`` is kept, and
+            ``provenance.json`` gains an ``image_encoder_stage`` entry.
+
+    Returns:
+        ``dest``.
+    """
+    run, dest = Path(run), Path(dest)
+    for required in (run / "base" / "image_encoder" / "config.json", run / "image_encoder_summary.json", dest / "model_index.json"):
+        if not required.is_file():
+            raise UserError(f"{required}: missing (run recipes/base/image_encoder.yaml on an installed base first)")
+    provenance = json.loads((dest / PROVENANCE_FILE).read_text()) if (dest / PROVENANCE_FILE).is_file() else {}
+    summary = json.loads((run / "image_encoder_summary.json").read_text())
+    provenance["image_encoder_stage"] = {
+        "recipe": "recipes/base/image_encoder.yaml",
+        "commit": _git_commit(Path(__file__).resolve().parents[2]),
+        **summary,
+    }
+    with atomic_folder(dest) as tmp:
+        shutil.copytree(dest, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("image_encoder", "__pycache__"))
+        shutil.copytree(run / "base" / "image_encoder", tmp / "image_encoder")
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     return dest
 
 
 def main() -> int:
-    """``python -m condkit.embedded.install VAE_RUN UNET_RUN [--dest DIR]``."""
+    """``python -m condkit.embedded.install VAE_RUN UNET_RUN [--dest DIR]`` or ``--image-encoder RUN``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("vae_run")
-    parser.add_argument("unet_run")
+    parser.add_argument("vae_run", nargs="?")
+    parser.add_argument("unet_run", nargs="?")
+    parser.add_argument("--image-encoder", metavar="RUN", help="install only the image-encoder stage's encoder")
     parser.add_argument("--dest", type=Path, default=EMBEDDED_BASE_DIR)
     args = parser.parse_args()
-    print(install(args.vae_run, args.unet_run, args.dest))
+    if args.image_encoder:
+        print(install_image_encoder(args.image_encoder, args.dest))
+    elif args.vae_run and args.unet_run:
+        print(install(args.vae_run, args.unet_run, args.dest))
+    else:
+        parser.error("give VAE_RUN and UNET_RUN, or --image-encoder RUN")
     return 0
 
 
