@@ -122,7 +122,9 @@ def main() -> None:
     results["ip_adapter"] = score(adapter_outputs, pairs, encoder, processor)
     # Does the denoiser use the reference? Loss with another target's reference over the
     # right one, for the trained adapter and for a freshly initialised one.
-    images, arrays = [image for _, _, image in pairs], [np.asarray(ref) for ref in references]
+    # Placement-major order, so that neighbours (the "wrong" pairs) are different combos.
+    order = [i for first in range(args.per_combo) for i in range(first, len(pairs), args.per_combo)]
+    images, arrays = [pairs[i][2] for i in order], [np.asarray(references[i]) for i in order]
     results["ip_adapter"].update(reference_dependence(adapter, base, images, arrays, args.prompt, seed=args.seed, repeats=4))
     adapter.detach()
     torch.manual_seed(args.seed)

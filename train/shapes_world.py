@@ -73,7 +73,8 @@ class ShapeSample:
 
     Attributes:
         image: (H, W, 3) uint8 RGB.
-        caption: ``a {colour} {shape} on a {background} background``.
+        caption: ``a {colour} {shape} on a {background} background``, or a
+            :func:`partial_caption` (``ShapesWorld(partial_captions=...)``).
         colour, shape, background: the labels.
         condition: (H, W, 3) uint8 Canny edge map of ``image`` (white edges on black).
         reference: (H, W, 3) uint8, same shape/colour/background at another position and size.
