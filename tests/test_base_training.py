@@ -164,3 +164,28 @@ def test_image_encoder_stage_changes_only_the_image_encoder(tmp_path):
     assert provenance["image_encoder_stage"]["held_out_accuracy"] == summary["held_out_accuracy"]
     assert all(provenance[key] == value for key, value in before.items() if key != "image_encoder_stage")
     assert (installed / "TRAINING.md").is_file() and not list(tmp_path.glob(".installed*"))
+
+
+@pytest.mark.parametrize("module", ["condkit.train.vae", "condkit.train.image_encoder"])
+def test_stage_commands_report_bad_input_in_one_line(tmp_path, capsys, module):
+    import importlib
+
+    main = importlib.import_module(module).main
+    bad = tmp_path / "stage.yaml"
+    bad.write_text("max_stepz: 3\n")
+    assert main([str(bad), "--output", str(tmp_path / "out")]) == 2  # default --threads 2, as conftest sets
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_stepz" in err and str(bad) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError):
+        main([str(bad), "--output", str(tmp_path / "out"), "--debug"])
+
+
+def test_install_command_reports_a_missing_run_in_one_line(tmp_path, capsys, monkeypatch):
+    from condkit.embedded import install
+
+    monkeypatch.setattr("sys.argv", ["install", "--image-encoder", str(tmp_path / "no-run"), "--dest", str(tmp_path / "base")])
+    assert install.main() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "no-run") in err
+    assert not (tmp_path / "base").exists()

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from condkit.errors import UserError
+from condkit.errors import UserError, report_user_errors
 
 
 def _field(default: Any, help: str, *, range: tuple[float, float] | None = None, choices: tuple[str, ...] | None = None):
@@ -347,6 +347,8 @@ def load_stage_recipe(path: str | Path, recipe_class: type):
 def run_stage_cli(argv: list[str] | None, description: str, load, train) -> int:
     """The command line both base stages share: ``RECIPE --output DIR [--max-steps N] [--threads N]``.
 
+    Bad input (recipe file, key, value, base folder) ends in one line and exit code 2.
+
     Args:
         argv: arguments (None = ``sys.argv``).
         description: the ``--help`` line.
@@ -362,10 +364,15 @@ def run_stage_cli(argv: list[str] | None, description: str, load, train) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = load(args.recipe)
-    if args.max_steps is not None:
-        recipe = dataclasses.replace(recipe, max_steps=args.max_steps)
-    print(train(recipe, args.output))
-    return 0
+
+    def run() -> int:
+        recipe = load(args.recipe)
+        if args.max_steps is not None:
+            recipe = dataclasses.replace(recipe, max_steps=args.max_steps)
+        print(train(recipe, args.output))
+        return 0
+
+    return report_user_errors(run, args.debug)

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from condkit.errors import UserError
+from condkit.errors import report_user_errors
 
 # Subcommand modules, in the order --help lists them.
 COMMAND_MODULES = ("train", "generate", "base", "inspect", "convert", "preprocess")
@@ -47,16 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return int(args.run(args) or 0)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"condkit: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("condkit: interrupted", file=sys.stderr)
-        return 130
+    return report_user_errors(lambda: int(args.run(args) or 0), args.debug)
 
 
 def entry_point() -> None:

@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 from condkit.embedded import EMBEDDED_BASE_DIR
-from condkit.errors import UserError
+from condkit.errors import UserError, report_user_errors
 from condkit.io import atomic_folder
 
 PROVENANCE_FILE = "provenance.json"
@@ -105,14 +105,16 @@ def main() -> int:
     parser.add_argument("unet_run", nargs="?")
     parser.add_argument("--image-encoder", metavar="RUN", help="install only the image-encoder stage's encoder")
     parser.add_argument("--dest", type=Path, default=EMBEDDED_BASE_DIR)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors")
     args = parser.parse_args()
-    if args.image_encoder:
-        print(install_image_encoder(args.image_encoder, args.dest))
-    elif args.vae_run and args.unet_run:
-        print(install(args.vae_run, args.unet_run, args.dest))
-    else:
+    if not args.image_encoder and not (args.vae_run and args.unet_run):
         parser.error("give VAE_RUN and UNET_RUN, or --image-encoder RUN")
-    return 0
+
+    def run() -> int:
+        print(install_image_encoder(args.image_encoder, args.dest) if args.image_encoder else install(args.vae_run, args.unet_run, args.dest))
+        return 0
+
+    return report_user_errors(run, args.debug)
 
 
 if __name__ == "__main__":
