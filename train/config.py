@@ -45,6 +45,9 @@ class DataConfig:
     shapes_partial_captions: float = _field(
         0.0, "share of shapes-world captions that leave out some of colour, shape and background (IP-Adapter: the reference supplies them)", range=(0.0, 1.0)
     )
+    shapes_reference_variety: float = _field(
+        0.0, "share of shapes-world reference images drawn the way users draw theirs: 20-85% of the side, possibly cut by the border, 64-128 px, half anti-aliased (IP-Adapter)", range=(0.0, 1.0)
+    )
     condition_preprocessor: str = _field("", "compute condition maps from the images with this preprocessor (ControlNet)")
     reference: str = _field("", "folder of reference images matched by file stem (IP-Adapter); default: the image itself")
     prior_path: str = _field("", "folder of class images for prior preservation (generated from the base when empty)")

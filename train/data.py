@@ -57,7 +57,7 @@ def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
         UserError: the folder is missing or holds no images.
     """
     if data.path == "shapes":
-        records = _shapes_records(data.shapes_count, seed, data.shapes_partial_captions)
+        records = _shapes_records(data.shapes_count, seed, data.shapes_partial_captions, data.shapes_reference_variety)
     else:
         root = Path(data.path)
         if data.path.startswith("fewshot/") and not root.is_dir():
@@ -83,13 +83,13 @@ def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
     return records * data.repeats
 
 
-def _shapes_records(count: int, seed: int, partial_captions: float) -> list[Record]:
+def _shapes_records(count: int, seed: int, partial_captions: float, reference_variety: float) -> list[Record]:
     """The built-in shapes world in memory: image, caption, Canny map, reference pair."""
     from condkit.train.shapes_world import ShapesWorld
 
     return [
         Record(image=s.image, caption=s.caption, condition=s.condition, reference=s.reference)
-        for s in ShapesWorld(seed=seed, partial_captions=partial_captions).batch(0, count)
+        for s in ShapesWorld(seed=seed, partial_captions=partial_captions, reference_variety=reference_variety).batch(0, count)
     ]
 
 

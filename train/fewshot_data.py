@@ -1,10 +1,11 @@
 """Few-image concept sets for the LoRA recipe: shapes-world images of a shape the base never saw.
 
 The embedded base draws circles, squares and triangles in six colours. A concept here
-is a fourth shape named by a trigger word, drawn in the base's own colours: the shipped
-set (``fewshot/sks_ring/``) shows rings captioned ``a {colour} sks on a {background}
-background``. (A new *colour* cannot be the concept: the embedded VAE was trained on
-the six colours only and decodes purple as green, so no U-Net LoRA could draw it.)
+is a fourth shape named by a trigger word: the shipped set (``fewshot/sks_ring/``) shows
+rings in the base's own colours captioned ``a {colour} sks on a {background}
+background``. A concept can also bring a colour the base never drew (``--colours orange
+black``: :data:`NEW_COLOURS`), such as an orange star: the embedded VAE round-trips any
+colour (its colour stage), so a LoRA can learn to draw it.
 
 Regenerate the shipped set (deterministic PNGs)::
 
@@ -34,7 +35,9 @@ from condkit.train.shapes_world import COLOURS, SHAPES, draw_shape
 
 SHIPPED_TRIGGER = "sks"
 SHIPPED_CONCEPT = "ring"
-CONCEPTS = ("ring", "cross")
+CONCEPTS = ("ring", "cross", "star")
+# Colours outside the shapes world's six, for concepts the base has never drawn.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"orange": (250, 140, 20), "teal": (0, 128, 128), "purple": (110, 40, 170)}
 # (colour, background) of each image: several colours and backgrounds, so the LoRA ties
 # the word to the shape, not to one colour or layout.
 DEFAULT_LAYOUT: tuple[tuple[str, str], ...] = (
@@ -71,6 +74,11 @@ def concept_mask(concept: str, size: int, centre: tuple[float, float], extent: f
         arm = max(1, int(round(extent / 6)))  # arms one third of the extent wide
         cv2.rectangle(mask, (cx - half, cy - arm), (cx + half, cy + arm), 1, thickness=-1)
         cv2.rectangle(mask, (cx - arm, cy - half), (cx + arm, cy + half), 1, thickness=-1)
+    elif concept == "star":  # five points, point up, inner radius 0.45 of the outer
+        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, half, 0.45 * half)
+        points = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1).round().astype(np.int32)
+        cv2.fillPoly(mask, [points], 1)
     else:
         raise UserError(f"concept {concept!r}: must be one of {', '.join(CONCEPTS)}")
     return mask.astype(bool)
@@ -82,9 +90,14 @@ def draw_concept(size: int, concept: str, colour: str, background: str, rng: np.
     margin = extent / 2 + 1
     centre = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
     image = np.empty((size, size, 3), np.uint8)
-    image[:] = COLOURS[background]
-    image[concept_mask(concept, size, centre, extent)] = COLOURS[colour]
+    image[:] = concept_colours()[background]
+    image[concept_mask(concept, size, centre, extent)] = concept_colours()[colour]
     return image
+
+
+def concept_colours() -> dict[str, tuple[int, int, int]]:
+    """Every colour a concept may use: the shapes world's six and :data:`NEW_COLOURS`."""
+    return {**COLOURS, **NEW_COLOURS}
 
 
 def write_concept(
@@ -115,8 +128,8 @@ def write_concept(
     from condkit.io import atomic_path, write_text_atomic
 
     for colour, background in layout:
-        if colour not in COLOURS or background not in COLOURS or colour == background:
-            raise UserError(f"layout entry ({colour!r}, {background!r}): two different colours of {tuple(COLOURS)}")
+        if colour not in concept_colours() or background not in concept_colours() or colour == background:
+            raise UserError(f"layout entry ({colour!r}, {background!r}): two different colours of {tuple(concept_colours())}")
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     for index, (colour, background) in enumerate(layout):
@@ -170,6 +183,20 @@ def closest_shape(image: np.ndarray, templates: dict[str, np.ndarray]) -> str | 
     return max(ious, key=ious.get)
 
 
+COLOUR_DISTANCE = 60.0  # RGB distance (0-255 units) within which a pixel counts as a named colour
+
+
+def colour_pixel_share(image: np.ndarray, colour: str) -> float:
+    """Share of an image's pixels within :data:`COLOUR_DISTANCE` of a named colour's RGB value.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        colour: a name from :func:`concept_colours`.
+    """
+    value = np.array(concept_colours()[colour], np.float32)
+    return float((np.linalg.norm(np.asarray(image)[..., :3].astype(np.float32) - value, axis=-1) <= COLOUR_DISTANCE).mean())
+
+
 # Measurement prompts: the trigger in colour/background pairs the set has and has not
 # shown, and plain prompts in the base's own shapes (they must keep their shapes).
 TRIGGER_PAIRS = (("red", "white"), ("blue", "yellow"), ("green", "black"), ("white", "blue"), ("black", "red"), ("yellow", "green"))
@@ -202,7 +229,10 @@ def measure_concept(
 
     Returns:
         ``trigger_hit_rate``: share of trigger samples whose shape is the concept;
-        ``trigger_colour_accuracy``: share in the prompt's colour; ``plain_concept_rate``:
+        ``trigger_colour_accuracy``: share in the prompt's colour (as the shapes-world reader names
+        it: the six colours only); ``trigger_colour_pixels``: mean share of pixels within
+        :data:`COLOUR_DISTANCE` of the prompt colour's RGB value (any colour, e.g. orange) and
+        ``trigger_colour_5pct_rate``: share of samples where that is at least 5%; ``plain_concept_rate``:
         share of plain samples drawn as the concept (leakage); ``plain_shape_accuracy_lora``
         / ``_base`` and ``plain_colour_accuracy_lora`` / ``_base``: plain prompts with and
         without the LoRA.
@@ -241,9 +271,12 @@ def measure_concept(
     def colour_accuracy(images, colours):
         return float(np.mean([read_image(im).colour == c for im, c in zip(images, colours)]))
 
+    pixel_shares = [colour_pixel_share(im, colour) for im, colour in zip(with_trigger, trigger_colours)]
     return {
         "trigger_hit_rate": float(np.mean([closest_shape(im, templates) == concept for im in with_trigger])),
         "trigger_colour_accuracy": colour_accuracy(with_trigger, trigger_colours),
+        "trigger_colour_pixels": float(np.mean(pixel_shares)),
+        "trigger_colour_5pct_rate": float(np.mean([share >= 0.05 for share in pixel_shares])),
         "plain_concept_rate": float(np.mean([closest_shape(im, templates) == concept for im in plain_lora])),
         "plain_shape_accuracy_lora": shape_accuracy(plain_lora),
         "plain_shape_accuracy_base": shape_accuracy(plain_base),

@@ -168,6 +168,28 @@ def draw_shape(
     return image, (x0, y0, x1, y1)
 
 
+def draw_varied_reference(colour: str, shape: str, background: str, rng: np.random.Generator) -> np.ndarray:
+    """A reference image as users draw theirs, not like the training targets.
+
+    The side is 64, 96 or 128 px (the data layer and the image processor resize it), the
+    shape 20-85% of the side and possibly cut by the border, and half of them are
+    anti-aliased (drawn at 4x and downsampled with area averaging).
+
+    Args:
+        colour, shape, background: names from :data:`COLOURS` / :data:`SHAPES`.
+        rng: draws side, size, position and anti-aliasing.
+
+    Returns:
+        (side, side, 3) uint8 RGB.
+    """
+    side = int(rng.choice((64, 96, 128)))
+    scale = 4 if rng.random() < 0.5 else 1
+    extent = float(rng.uniform(0.2, 0.85) * side)
+    cx, cy = (float(v) for v in rng.uniform(extent / 3, side - extent / 3, size=2))
+    image, _ = draw_shape(side * scale, colour, shape, background, (cx * scale, cy * scale), extent * scale)
+    return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA) if scale > 1 else image
+
+
 def canny_condition(image: np.ndarray) -> np.ndarray:
     """The ControlNet condition map: ``cv2.Canny(rgb, 100, 200)`` as 3-channel uint8."""
     edges = cv2.Canny(image, 100, 200)  # (H, W) 0/255
@@ -191,15 +213,20 @@ class ShapesWorld:
         include_held_out: also draw :data:`HELD_OUT_COMBOS` (False for training data).
         partial_captions: share of samples captioned by :func:`partial_caption` instead
             of the full caption (drawn per sample, so it depends only on ``(seed, i)``).
+        reference_variety: share of samples whose reference is drawn by
+            :func:`draw_varied_reference` (as users draw theirs) instead of like the target.
     """
 
-    def __init__(self, seed: int = 0, size: int = 64, include_held_out: bool = False, partial_captions: float = 0.0) -> None:
+    def __init__(
+        self, seed: int = 0, size: int = 64, include_held_out: bool = False, partial_captions: float = 0.0, reference_variety: float = 0.0
+    ) -> None:
         if size < 32:
             raise UserError(f"shapes world size {size}: must be at least 32 pixels")
         self.seed = int(seed)
         self.size = int(size)
         self.combos = all_combos() if include_held_out else training_combos()
         self.partial_captions = float(partial_captions)
+        self.reference_variety = float(reference_variety)
 
     def sample(self, index: int) -> ShapeSample:
         """Sample number ``index`` (any non-negative int)."""
@@ -209,6 +236,9 @@ class ShapesWorld:
         caption_rng = np.random.default_rng([self.seed, int(index), 1])  # its own stream: images stay as they were
         if caption_rng.random() < self.partial_captions:
             sample = dataclasses.replace(sample, caption=partial_caption(colour, shape, background, caption_rng))
+        reference_rng = np.random.default_rng([self.seed, int(index), 2])  # likewise its own stream
+        if reference_rng.random() < self.reference_variety:
+            sample = dataclasses.replace(sample, reference=draw_varied_reference(colour, shape, background, reference_rng))
         return sample
 
     def draw(self, colour: str, shape: str, background: str, rng: np.random.Generator) -> ShapeSample:

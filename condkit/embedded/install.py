@@ -8,7 +8,8 @@ recording both recipes, seeds, the git commit and the stage timings.
 
 ``python -m condkit.embedded.install --image-encoder runs/base_image_encoder`` puts the
 image-encoder stage's trained ``image_encoder/`` into the installed base and adds that
-stage to ``provenance.json`` (the other components and records stay as they are).
+stage to ``provenance.json`` (the other components and records stay as they are);
+``--vae runs/base_vae_colours`` does the same for the VAE colour stage.
 """
 
 from __future__ import annotations
@@ -68,34 +69,51 @@ def install(vae_run: str | Path, unet_run: str | Path, dest: str | Path = EMBEDD
     return dest
 
 
-def install_image_encoder(run: str | Path, dest: str | Path = EMBEDDED_BASE_DIR) -> Path:
-    """Put the image-encoder stage's trained encoder into an installed base.
+def install_component(run: str | Path, component: str, stage: str, recipe: str, dest: str | Path = EMBEDDED_BASE_DIR) -> Path:
+    """Put one stage's trained component (``vae`` or ``image_encoder``) into an installed base.
 
     Args:
-        run: output folder of ``python -m condkit.train.image_encoder`` (holds
-            ``base/image_encoder/`` and ``image_encoder_summary.json``).
-        dest: the installed base; everything but ``image_encoder/`` is kept, and
-            ``provenance.json`` gains an ``image_encoder_stage`` entry.
+        run: the stage's output folder (holds ``base/<component>/`` and ``<component>_summary.json``).
+        component: the diffusers component folder to replace.
+        stage: the ``provenance.json`` entry the stage's summary is recorded as.
+        recipe: the recipe path recorded with it.
+        dest: the installed base; everything but ``component`` is kept.
 
     Returns:
         ``dest``.
     """
     run, dest = Path(run), Path(dest)
-    for required in (run / "base" / "image_encoder" / "config.json", run / "image_encoder_summary.json", dest / "model_index.json"):
+    summary_file = run / f"{component}_summary.json"
+    for required in (run / "base" / component / "config.json", summary_file, dest / "model_index.json"):
         if not required.is_file():
-            raise UserError(f"{required}: missing (run recipes/base/image_encoder.yaml on an installed base first)")
+            raise UserError(f"{required}: missing (run {recipe} on an installed base first)")
     provenance = json.loads((dest / PROVENANCE_FILE).read_text()) if (dest / PROVENANCE_FILE).is_file() else {}
-    summary = json.loads((run / "image_encoder_summary.json").read_text())
-    provenance["image_encoder_stage"] = {
-        "recipe": "recipes/base/image_encoder.yaml",
-        "commit": _git_commit(Path(__file__).resolve().parents[2]),
-        **summary,
-    }
+    provenance[stage] = {"recipe": recipe, "commit": _git_commit(Path(__file__).resolve().parents[2]), **json.loads(summary_file.read_text())}
     with atomic_folder(dest) as tmp:
-        shutil.copytree(dest, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("image_encoder", "__pycache__"))
-        shutil.copytree(run / "base" / "image_encoder", tmp / "image_encoder")
+        shutil.copytree(dest, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(component, "__pycache__"))
+        shutil.copytree(run / "base" / component, tmp / component)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     return dest
+
+
+def install_image_encoder(run: str | Path, dest: str | Path = EMBEDDED_BASE_DIR) -> Path:
+    """Put the image-encoder stage's trained encoder into an installed base (``image_encoder_stage``).
+
+    Args:
+        run: output folder of ``python -m condkit.train.image_encoder``.
+        dest: the installed base.
+    """
+    return install_component(run, "image_encoder", "image_encoder_stage", "recipes/base/image_encoder.yaml", dest)
+
+
+def install_colour_vae(run: str | Path, dest: str | Path = EMBEDDED_BASE_DIR) -> Path:
+    """Put the VAE colour stage's VAE into an installed base (``vae_colour_stage``).
+
+    Args:
+        run: output folder of ``python -m condkit.train.vae recipes/base/vae-colours.yaml``.
+        dest: the installed base.
+    """
+    return install_component(run, "vae", "vae_colour_stage", "recipes/base/vae-colours.yaml", dest)
 
 
 def main() -> int:
@@ -104,14 +122,20 @@ def main() -> int:
     parser.add_argument("vae_run", nargs="?")
     parser.add_argument("unet_run", nargs="?")
     parser.add_argument("--image-encoder", metavar="RUN", help="install only the image-encoder stage's encoder")
+    parser.add_argument("--vae", metavar="RUN", help="install only the VAE colour stage's VAE")
     parser.add_argument("--dest", type=Path, default=EMBEDDED_BASE_DIR)
     parser.add_argument("--debug", action="store_true", help="show the traceback of input errors")
     args = parser.parse_args()
-    if not args.image_encoder and not (args.vae_run and args.unet_run):
-        parser.error("give VAE_RUN and UNET_RUN, or --image-encoder RUN")
+    if not (args.image_encoder or args.vae) and not (args.vae_run and args.unet_run):
+        parser.error("give VAE_RUN and UNET_RUN, --image-encoder RUN or --vae RUN")
 
     def run() -> int:
-        print(install_image_encoder(args.image_encoder, args.dest) if args.image_encoder else install(args.vae_run, args.unet_run, args.dest))
+        if args.image_encoder:
+            print(install_image_encoder(args.image_encoder, args.dest))
+        elif args.vae:
+            print(install_colour_vae(args.vae, args.dest))
+        else:
+            print(install(args.vae_run, args.unet_run, args.dest))
         return 0
 
     return report_user_errors(run, args.debug)
