@@ -252,21 +252,25 @@ def check_no_sources_in_dst(src: Path, dst: Path, maps: dict[str, dict[str, Any]
 
 
 def check_no_map_on_a_source(jobs: list[tuple[Path, Path]]) -> None:
-    """Refuse a run in which some map would be written over one of its sources.
+    """Refuse a run in which a map would be written over one of its sources or another map.
 
     Args:
         jobs: (source, map) pairs, resolved.
 
     Raises:
-        UserError: naming the source that would be overwritten and the image mapped onto it.
+        UserError: naming the file that would be overwritten and the image(s) mapped onto it.
     """
     sources = {source.resolve() for source, _ in jobs}
+    made_from: dict[Path, Path] = {}
     for source, target in jobs:
         if target.resolve() in sources:
             raise UserError(
                 f"{target.resolve()}: the map of {source} would overwrite this source image; "
                 "choose an output folder outside SRC"
             )
+        if target in made_from:  # a.jpg + a.png get a.jpg.png, and so would a source a.jpg.png
+            raise UserError(f"{target}: both {made_from[target]} and {source} would be mapped to this file; rename one")
+        made_from[target] = source
 
 
 # The worker's preprocessor and PNG choice, set once per process by _init_worker (not
