@@ -297,7 +297,8 @@ def _run_one(job: tuple[Path, Path]) -> tuple[Path, str | None]:
         return source, reason.removeprefix(f"{source}: ")  # the summary names the file itself
     except Exception as exc:  # any other failure of one file (cv2.error, a bug) must not stop the batch
         lines = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        name = "cv2.error" if isinstance(exc, cv2.error) else type(exc).__name__
+        reason = f"{name}: {lines[0]}" if lines else name
         return source, reason.replace(f"{source}: ", "")
 
 
