@@ -4,16 +4,32 @@ When nothing upstream trains, a training step then costs only the U-Net (and the
 adapter): latents come from the cache as a (mean, std) pair and are sampled with the
 step's generator, exactly as an uncached step would sample them. With ``flip``,
 both orientations are encoded.
+
+A disk cache (``data.cache: disk``) carries a key: a digest of everything the encodings
+depend on (see :func:`cache_key`). :func:`load_or_encode` reuses a cache only when its
+key matches the run's and encodes afresh otherwise, so a changed image, caption, base,
+resolution, flip or preprocessor never trains on stale latents.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from condkit.train.encode import encode_prompts, latent_distribution
+
+
+# safetensors header keys of a disk cache
+KEY_METADATA = "condkit_cache_key"
+CAPTIONS_METADATA = "condkit_captions"
+# Bumped when what an encoding means changes (the image loader, the key's contents).
+CACHE_FORMAT = 2
 
 
 @dataclasses.dataclass
@@ -55,26 +71,34 @@ class EncodedSet:
             out["text_embeds"] = self.text_embeds[self.caption_index[index]]  # (b, 77, d)
         return out
 
-    def save(self, path: str | Path) -> None:
-        """Write the cache as safetensors (atomically), for ``data.cache: disk``."""
+    def save(self, path: str | Path, key: str = "") -> None:
+        """Write the cache as safetensors (atomically), for ``data.cache: disk``.
+
+        The key and the captions are stored in the safetensors header, so tensors, key
+        and captions are replaced together in one atomic write; the ``.json`` beside it
+        repeats them for people reading the folder.
+
+        Args:
+            path: the ``.safetensors`` file.
+            key: the :func:`cache_key` digest of what was encoded.
+        """
         from condkit.io import save_safetensors_atomic, write_json_atomic
 
         tensors = {"latent_mean": self.latent_mean, "latent_std": self.latent_std, "caption_index": self.caption_index}
         if self.text_embeds is not None:
             tensors["text_embeds"] = self.text_embeds
         tensors.update({f"extras.{k}": v for k, v in self.extras.items()})
-        save_safetensors_atomic(tensors, path)
-        write_json_atomic(Path(path).with_suffix(".json"), {"captions": self.captions})
+        metadata = {KEY_METADATA: key, CAPTIONS_METADATA: json.dumps(self.captions)}
+        save_safetensors_atomic(tensors, path, metadata=metadata)
+        write_json_atomic(Path(path).with_suffix(".json"), {"key": key, "captions": self.captions})
 
     @classmethod
     def load(cls, path: str | Path) -> EncodedSet:
         """Read a cache written by :meth:`save`."""
-        import json
-
-        from condkit.io import load_state_dict
+        from condkit.io import load_state_dict, read_safetensors_metadata
 
         tensors = load_state_dict(path)
-        captions = json.loads(Path(path).with_suffix(".json").read_text())["captions"]
+        captions = json.loads(read_safetensors_metadata(path)[CAPTIONS_METADATA])
         return cls(
             latent_mean=tensors["latent_mean"],
             latent_std=tensors["latent_std"],
@@ -133,3 +157,103 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
         captions=captions,
         extras={k: torch.stack(v) for k, v in extras.items()},
     )
+
+
+def _file_identity(path: Path) -> list:
+    """``[absolute path, size, mtime_ns]`` of a file (an edit or a swap changes it)."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _source_identity(source: Any) -> Any:
+    """What identifies one image of a record: a file's identity, or an array's digest."""
+    if source is None:
+        return None
+    if isinstance(source, np.ndarray):
+        return [list(source.shape), hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()]
+    return _file_identity(Path(source))
+
+
+def _base_identity(base) -> dict:
+    """The base's fingerprint plus the identity of its weight files (a retrained base differs)."""
+    from condkit.base import EMBEDDED
+    from condkit.embedded import EMBEDDED_BASE_DIR
+
+    where = EMBEDDED_BASE_DIR if base.source == EMBEDDED else Path(base.source)
+    if where.is_dir():
+        files = sorted(p for p in where.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
+    else:
+        files = [where] if where.is_file() else []
+    return {"fingerprint": base.fingerprint(), "files": [_file_identity(p) for p in files]}
+
+
+def _adapter_identity(adapter) -> dict:
+    """An adapter's kind, name, config and a checksum of its weights (frozen adapters shape extras and text)."""
+    config = adapter.config.to_dict() if hasattr(adapter.config, "to_dict") else repr(adapter.config)
+    with torch.no_grad():
+        checksum = float(sum(p.detach().double().sum().item() for p in adapter.trainable_parameters()))
+    return {"kind": type(adapter).__name__, "name": adapter.name, "config": config, "weights": checksum}
+
+
+def cache_key(dataset, base, adapters, *, with_text: bool, flip: bool) -> str:
+    """A digest of everything an :class:`EncodedSet` of ``dataset`` depends on.
+
+    Covers each record's files (path, size, modification time; in-memory images by
+    content), captions and condition preprocessor; the training size and crop; flip;
+    whether text is cached; the base (fingerprint and weight files) and the adapters
+    (kind, config, weights).
+
+    Args:
+        dataset: a :class:`condkit.train.data.TrainingSet`.
+        base: the base model.
+        adapters: all attached adapters.
+        with_text: text embeddings are cached.
+        flip: flipped variants are cached.
+    """
+    description = {
+        "format": CACHE_FORMAT,
+        "records": [
+            [_source_identity(r.image), r.caption, _source_identity(r.condition), _source_identity(r.reference), r.condition_preprocessor]
+            for r in dataset.records
+        ],
+        "size": dataset.size,
+        "crop": dataset.crop,
+        "flip": flip,
+        "with_text": with_text,
+        "base": _base_identity(base),
+        "adapters": [_adapter_identity(a) for a in adapters],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stored_key(path: Path) -> str | None:
+    """The key a disk cache was written with, or None (missing, unreadable, or written before keys)."""
+    from condkit.errors import UserError
+    from condkit.io import read_safetensors_metadata
+
+    try:
+        return read_safetensors_metadata(path).get(KEY_METADATA) or None
+    except (OSError, UserError):  # a damaged cache is simply rebuilt
+        return None
+
+
+def load_or_encode(dataset, base, adapters, path: Path, *, with_text: bool, flip: bool, disk: bool, write: bool) -> EncodedSet:
+    """The dataset's encodings: from the disk cache when its key matches, else encoded now.
+
+    Args:
+        dataset: a :class:`condkit.train.data.TrainingSet` with center crops.
+        base: the frozen base.
+        adapters: all attached adapters.
+        path: the ``.safetensors`` disk cache.
+        with_text: cache text embeddings too.
+        flip: cache flipped variants too.
+        disk: ``data.cache: disk`` (else encode in memory only).
+        write: this process writes the cache (the main process).
+    """
+    key = cache_key(dataset, base, adapters, with_text=with_text, flip=flip) if disk else ""
+    if disk and path.is_file() and stored_key(path) == key:
+        return EncodedSet.load(path)
+    encoded = encode_dataset(dataset, base, adapters, with_text=with_text, flip=flip)
+    if disk and write:
+        encoded.save(path, key)
+    return encoded

@@ -47,6 +47,9 @@ class DataConfig:
     )
     condition_preprocessor: str = _field("", "compute condition maps from the images with this preprocessor (ControlNet)")
     reference: str = _field("", "folder of reference images matched by file stem (IP-Adapter); default: the image itself")
+    allow_outside_paths: bool = _field(
+        False, "let metadata.jsonl / prompt.json name files outside data.path (absolute or ../ paths); off: such a row is refused"
+    )
     prior_path: str = _field("", "folder of class images for prior preservation (generated from the base when empty)")
     prior_prompt: list = _field([], "class prompt(s) for prior preservation (DreamBooth's class_prompt; several are cycled over the class images); empty = off")
     prior_count: int = _field(0, "number of class images (generated if the folder has fewer)", range=(0, 100000))

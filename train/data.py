@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from condkit.errors import UserError
+from condkit.preprocessors.image import load_image, pil_to_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MIN_IMAGE_SIDE = 8  # smaller images carry too little to upscale into a training sample
@@ -68,7 +70,10 @@ def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
         custom = getattr(adapter_cls, "find_records", None)
         records = custom(data) if custom is not None else None
         if records is None:
-            records = _records_from_metadata(root, data.caption) if (root / "metadata.jsonl").is_file() else _records_from_folder(root, data.caption)
+            if (root / "metadata.jsonl").is_file():
+                records = _records_from_metadata(root, data.caption, data.allow_outside_paths)
+            else:
+                records = _records_from_folder(root, data.caption)
     if not records:
         raise UserError(f"data.path {data.path!r}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     uncaptioned = next((r for r in records if not r.caption), None)
@@ -106,37 +111,109 @@ def list_images(root: Path) -> list[Path]:
     )
 
 
+def read_utf8(path: Path) -> str:
+    """A caption or metadata file's text (UTF-8, with or without a byte-order mark).
+
+    Args:
+        path: the text file.
+
+    Raises:
+        UserError: the file is not UTF-8 (e.g. Latin-1 or UTF-16), naming it.
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start} is invalid); save it as UTF-8") from None
+
+
+def caption_beside(image: Path, default_caption: str) -> str:
+    """The caption of ``image``: its same-stem ``.txt`` file, else ``default_caption``.
+
+    Args:
+        image: the image file.
+        default_caption: ``data.caption``.
+    """
+    caption_file = image.with_suffix(".txt")
+    return read_utf8(caption_file).strip() if caption_file.is_file() else default_caption
+
+
+def data_file(root: Path, value: Any, where: str, key: str, allow_outside: bool) -> Path:
+    """The file a dataset row names: a non-empty string, inside ``root`` unless allowed.
+
+    The check is on the path as written (absolute, or ``..`` climbing out of the
+    folder), so files the user linked into the folder still count as inside.
+
+    Args:
+        root: the data folder.
+        value: the row's value for ``key``.
+        where: ``FILE:LINE`` of the row, for messages.
+        key: the column name.
+        allow_outside: ``data.allow_outside_paths``.
+
+    Raises:
+        UserError: the value is not a file name, or points outside ``root``.
+    """
+    if not isinstance(value, str) or not value.strip():
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise UserError(f"{where}: {key!r} must be a file name (a string), not {shown}")
+    normal = os.path.normpath(value)
+    if not allow_outside and (os.path.isabs(value) or normal == os.pardir or normal.startswith(os.pardir + os.sep)):
+        raise UserError(
+            f"{where}: {key!r} = {value!r} is outside the data folder {root}; set data.allow_outside_paths: true to allow it"
+        )
+    return root / value
+
+
+def row_text(row: dict, keys: tuple[str, ...], where: str, default: str) -> str:
+    """A row's caption: the first of ``keys`` present, else ``default``; must be a string.
+
+    Args:
+        row: the JSON object.
+        keys: caption columns in order of preference.
+        where: ``FILE:LINE`` of the row, for messages.
+        default: ``data.caption``.
+
+    Raises:
+        UserError: the caption is not a string.
+    """
+    key = next((k for k in keys if row.get(k) not in (None, "")), None)
+    if key is None:
+        return default
+    if not isinstance(row[key], str):
+        raise UserError(f"{where}: {key!r} must be a string, not {type(row[key]).__name__}")
+    return row[key] or default
+
+
 def _records_from_folder(root: Path, default_caption: str) -> list[Record]:
-    records = []
-    for image in list_images(root):
-        caption_file = image.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else default_caption
-        records.append(Record(image=image, caption=caption))
-    return records
+    return [Record(image=image, caption=caption_beside(image, default_caption)) for image in list_images(root)]
 
 
-def _records_from_metadata(root: Path, default_caption: str) -> list[Record]:
+def _records_from_metadata(root: Path, default_caption: str, allow_outside: bool) -> list[Record]:
     records = []
     path = root / "metadata.jsonl"
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             row = json.loads(line)
-            file_name = row["file_name"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}:{number}: each line must be a JSON object with a 'file_name' key") from None
-        image = root / file_name
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise UserError(f"{where}: each line must be a JSON object with a 'file_name' key")
+        image = data_file(root, row["file_name"], where, "file_name", allow_outside)
         if not image.is_file():
-            raise UserError(f"{path}:{number}: image {file_name!r} does not exist")
-        condition = row.get("condition_file_name") or row.get("conditioning_image")
-        reference = row.get("reference_file_name") or row.get("reference")
+            raise UserError(f"{where}: image {row['file_name']!r} does not exist")
+        files = {}
+        for role, keys in (("condition", ("condition_file_name", "conditioning_image")), ("reference", ("reference_file_name", "reference"))):
+            key = next((k for k in keys if row.get(k)), None)
+            files[role] = data_file(root, row[key], where, key, allow_outside) if key else None
         records.append(
             Record(
                 image=image,
-                caption=str(row.get("text", row.get("caption", default_caption)) or default_caption),
-                condition=root / condition if condition else None,
-                reference=root / reference if reference else None,
+                caption=row_text(row, ("text", "caption"), where, default_caption),
+                condition=files["condition"],
+                reference=files["reference"],
             )
         )
     return records
@@ -159,26 +236,20 @@ def load_rgb(source: Any) -> np.ndarray:
     """Load an image as a uint8 RGB array (H, W, 3), whatever its mode.
 
     RGBA/LA/P-with-transparency are composited on white; L, P, CMYK and 16-bit
-    images are converted; EXIF orientation is applied.
+    images are converted; EXIF orientation is applied; files over the pixel limit are
+    refused before decoding (see :func:`condkit.preprocessors.image.load_image`).
 
     Args:
         source: a file path, a PIL image, or an (H, W, 3) uint8 array (returned as is).
 
     Raises:
-        UserError: the file cannot be decoded (names the file), or is tiny.
+        UserError: the file cannot be decoded, is too large, or is tiny (names the file).
     """
     if isinstance(source, np.ndarray):
         return source
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        try:
-            with Image.open(source) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise UserError(f"{source}: cannot read image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    rgb = to_rgb(image)
+    # Files go through condkit's one image loader, as in `condkit preprocess`: pixel
+    # limit checked from the header, EXIF orientation, transparency on white.
+    rgb = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
     if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
         raise UserError(f"{source}: image is {rgb.shape[1]}x{rgb.shape[0]} px, smaller than {MIN_IMAGE_SIDE} px")
     return rgb
@@ -187,21 +258,12 @@ def load_rgb(source: Any) -> np.ndarray:
 def to_rgb(image: Image.Image) -> np.ndarray:
     """Convert a PIL image of any common mode to a uint8 RGB array (H, W, 3).
 
+    The same conversion as the preprocessors' (:func:`condkit.preprocessors.image.pil_to_array`).
+
     Args:
         image: the image (RGB, RGBA, LA, L, P, CMYK, I;16, I, F ...).
     """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # PIL's convert("RGB") clips 16-bit values at 255; rescale to the full range instead.
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return pil_to_array(image)
 
 
 def resize_and_crop(rgb: np.ndarray, size: int, crop: str, rng: random.Random) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from condkit.errors import UserError
 from condkit.io import write_json_atomic
 from condkit.train import checkpoint as ckpt
-from condkit.train.cache import EncodedSet, encode_dataset
+from condkit.train.cache import EncodedSet, load_or_encode
 from condkit.train.data import TrainingSet, collate, find_records
 from condkit.train.encode import encode_prompts, latent_distribution, sample_latents
 from condkit.train.prior import prior_records
@@ -313,12 +313,8 @@ def _concat(a, b):
 def _load_or_encode(dataset, base, adapters, output_dir: Path, data_cfg, with_text: bool, name: str, is_main: bool) -> EncodedSet:
     """The dataset's encodings: from the disk cache when it exists, else encoded now."""
     path = output_dir / "cache" / f"{name}.safetensors"
-    if data_cfg.cache == "disk" and path.is_file():
-        return EncodedSet.load(path)
-    encoded = encode_dataset(dataset, base, adapters, with_text=with_text, flip=data_cfg.flip)
-    if data_cfg.cache == "disk" and is_main:
-        encoded.save(path)
-    return encoded
+    # keyed by what it encodes: a cache from other images, captions, base or settings is rebuilt
+    return load_or_encode(dataset, base, adapters, path, with_text=with_text, flip=data_cfg.flip, disk=data_cfg.cache == "disk", write=is_main)
 
 
 def _diffusion_loss(prediction, target, timesteps, noise_scheduler, snr_gamma: float, prediction_type: str, compute_snr):

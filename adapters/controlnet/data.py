@@ -15,7 +15,10 @@
     also computed when a preprocessor is set.
 
 A missing condition (no preprocessor set) or a map whose size differs from its image
-raises a one-line :class:`UserError` naming the files; nothing is silently skipped.
+(both as the loader shows them: after EXIF orientation) raises a one-line
+:class:`UserError` naming the files; nothing is silently skipped. Paths in
+``metadata.jsonl`` / ``prompt.json`` must stay inside the folder unless
+``data.allow_outside_paths`` is true.
 """
 
 from __future__ import annotations
@@ -27,15 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from condkit.errors import UserError
 from condkit.io import atomic_path
+from condkit.preprocessors.image import oriented_size
 
 IMAGE_COLUMNS = ("file_name", "image")
 CONDITION_COLUMNS = ("condition_file_name", "conditioning_image", "condition")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 CACHE_ENV = "CONDKIT_CACHE_DIR"
+# Part of every cached map's key: bumped when the image loader changes what pixels a
+# file gives (v2: transparency composited on white, pixel limit), so old maps are redone.
+CONDITION_CACHE_VERSION = b"condkit-conditions-v2"
 
 
 def find_pair_records(data: Any) -> list:
@@ -55,10 +62,11 @@ def find_pair_records(data: Any) -> list:
     if not root.is_dir():
         raise UserError(f"data.path {data.path!r}: no such folder")
     preprocessor = data.condition_preprocessor or ""
+    allow_outside = bool(getattr(data, "allow_outside_paths", False))
     if (root / "prompt.json").is_file():
-        pairs = fill50k_pairs(root)
+        pairs = fill50k_pairs(root, allow_outside)
     elif (root / "metadata.jsonl").is_file():
-        pairs = metadata_pairs(root, data.caption)
+        pairs = metadata_pairs(root, data.caption, allow_outside)
     elif (root / "images").is_dir():
         pairs = folder_pairs(root, data.caption, preprocessor)
     else:
@@ -87,44 +95,52 @@ def make_record(image: Path, condition: Path | None, caption: str, preprocessor:
     return Record(image=image, caption=caption, condition=condition)
 
 
-def fill50k_pairs(root: Path) -> list[tuple[Path, Path | None, str]]:
+def fill50k_pairs(root: Path, allow_outside: bool = False) -> list[tuple[Path, Path | None, str]]:
     """Layout (c): ``prompt.json`` lines with ``source``, ``target``, ``prompt``.
 
     Args:
         root: the dataset folder.
+        allow_outside: ``data.allow_outside_paths`` (paths may leave ``root``).
     """
+    from condkit.train.data import data_file, row_text
+
     pairs = []
     for number, row in _json_lines(root / "prompt.json"):
-        try:
-            source, target = row["source"], row["target"]
-        except KeyError as exc:
-            raise UserError(f"{root / 'prompt.json'}:{number}: missing key {exc.args[0]!r} (need source, target, prompt)") from None
-        image = root / target
+        where = f"{root / 'prompt.json'}:{number}"
+        missing = next((key for key in ("source", "target") if key not in row), None)
+        if missing:
+            raise UserError(f"{where}: missing key {missing!r} (need source, target, prompt)")
+        image = data_file(root, row["target"], where, "target", allow_outside)
         if not image.is_file():
-            raise UserError(f"{root / 'prompt.json'}:{number}: target image {target!r} does not exist")
-        pairs.append((image, root / source, str(row.get("prompt", ""))))
+            raise UserError(f"{where}: target image {row['target']!r} does not exist")
+        condition = data_file(root, row["source"], where, "source", allow_outside)
+        pairs.append((image, condition, row_text(row, ("prompt",), where, "")))
     return pairs
 
 
-def metadata_pairs(root: Path, default_caption: str) -> list[tuple[Path, Path | None, str]]:
+def metadata_pairs(root: Path, default_caption: str, allow_outside: bool = False) -> list[tuple[Path, Path | None, str]]:
     """Layout (b): ``metadata.jsonl`` with image, condition and caption columns.
 
     Args:
         root: the dataset folder.
         default_caption: caption for rows without one.
+        allow_outside: ``data.allow_outside_paths`` (paths may leave ``root``).
     """
+    from condkit.train.data import data_file, row_text
+
     pairs = []
     path = root / "metadata.jsonl"
     for number, row in _json_lines(path):
-        image_name = _first_of(row, IMAGE_COLUMNS)
-        if not image_name:
-            raise UserError(f"{path}:{number}: needs an image column ({' or '.join(IMAGE_COLUMNS)})")
-        image = root / image_name
+        where = f"{path}:{number}"
+        image_key = _first_of(row, IMAGE_COLUMNS)
+        if not image_key:
+            raise UserError(f"{where}: needs an image column ({' or '.join(IMAGE_COLUMNS)})")
+        image = data_file(root, row[image_key], where, image_key, allow_outside)
         if not image.is_file():
-            raise UserError(f"{path}:{number}: image {image_name!r} does not exist")
-        condition_name = _first_of(row, CONDITION_COLUMNS)
-        caption = _first_of(row, CAPTION_COLUMNS) or default_caption
-        pairs.append((image, root / condition_name if condition_name else None, str(caption)))
+            raise UserError(f"{where}: image {row[image_key]!r} does not exist")
+        condition_key = _first_of(row, CONDITION_COLUMNS)
+        condition = data_file(root, row[condition_key], where, condition_key, allow_outside) if condition_key else None
+        pairs.append((image, condition, row_text(row, CAPTION_COLUMNS, where, default_caption)))
     return pairs
 
 
@@ -136,7 +152,7 @@ def folder_pairs(root: Path, default_caption: str, preprocessor: str) -> list[tu
         default_caption: caption for images without a same-stem ``.txt``.
         preprocessor: when set, ``conditions/`` may be absent or incomplete.
     """
-    from condkit.train.data import list_images
+    from condkit.train.data import caption_beside, list_images
 
     images = list_images(root / "images")
     if not images:
@@ -151,7 +167,7 @@ def folder_pairs(root: Path, default_caption: str, preprocessor: str) -> list[tu
         condition = by_stem.get(stem)
         if condition is None and not preprocessor:
             raise UserError(f"{image}: no condition map {conditions_dir / stem}.* (matched by file stem)")
-        pairs.append((image, condition, _caption_beside(image, default_caption)))
+        pairs.append((image, condition, caption_beside(image, default_caption)))
     return pairs
 
 
@@ -163,7 +179,7 @@ def images_only_pairs(root: Path, default_caption: str, preprocessor: str) -> li
         default_caption: caption for images without a same-stem ``.txt``.
         preprocessor: required here.
     """
-    from condkit.train.data import list_images
+    from condkit.train.data import caption_beside, list_images
 
     if not preprocessor:
         raise UserError(
@@ -173,7 +189,7 @@ def images_only_pairs(root: Path, default_caption: str, preprocessor: str) -> li
     images = list_images(root)
     if not images:
         raise UserError(f"data.path {str(root)!r}: no images found")
-    return [(image, None, _caption_beside(image, default_caption)) for image in images]
+    return [(image, None, caption_beside(image, default_caption)) for image in images]
 
 
 def cache_root() -> Path:
@@ -197,7 +213,8 @@ def cached_condition(image: Path, preprocessor: str) -> Path:
     """
     from condkit.preprocessors import get_preprocessor
 
-    digest = hashlib.sha256(image.read_bytes())
+    digest = hashlib.sha256(CONDITION_CACHE_VERSION)
+    digest.update(image.read_bytes())
     for sidecar in (image.with_name(f"{image.stem}_keypoints.json"), image.with_suffix(".json")):
         if sidecar.is_file():
             digest.update(sidecar.name.encode() + sidecar.read_bytes())
@@ -212,11 +229,15 @@ def cached_condition(image: Path, preprocessor: str) -> Path:
 def check_same_size(image: Path, condition: Path) -> None:
     """Raise unless the map has the image's size (read from the headers only).
 
+    Sizes are compared as the loader returns the pixels, after EXIF orientation: a
+    portrait photo stored landscape with orientation 6 and the upright map condkit made
+    from it match.
+
     Args:
         image: the image file.
         condition: its condition map.
     """
-    image_size, condition_size = _image_size(image), _image_size(condition)
+    image_size, condition_size = oriented_size(image), oriented_size(condition)
     if image_size != condition_size:
         raise UserError(
             f"{condition}: condition map is {condition_size[0]}x{condition_size[1]} px but its image {image} "
@@ -240,17 +261,11 @@ def read_condition_map(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     return rgb
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size  # (width, height); decoding is left to the dataset
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"{path}: cannot read image ({exc})") from None
-
-
 def _json_lines(path: Path) -> list[tuple[int, dict]]:
+    from condkit.train.data import read_utf8
+
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -263,10 +278,6 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _first_of(row: dict, columns: tuple[str, ...]) -> Any:
-    return next((row[c] for c in columns if row.get(c)), None)
-
-
-def _caption_beside(image: Path, default_caption: str) -> str:
-    caption_file = image.with_suffix(".txt")
-    return caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else default_caption
+def _first_of(row: dict, columns: tuple[str, ...]) -> str | None:
+    """The first of ``columns`` with a value in ``row`` (its name), or None."""
+    return next((c for c in columns if row.get(c)), None)
