@@ -10,11 +10,13 @@ through ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import secrets
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -39,28 +41,74 @@ def atomic_path(final: str | os.PathLike, durable: bool = True) -> Iterator[Path
             empty file under ``final``. Without it the rename still protects against an
             interrupted process (use for outputs that are cheap to remake, e.g. maps).
 
-    On an exception the temporary file is removed and ``final`` is left untouched.
+    On an exception the temporary file is removed and ``final`` is left untouched. A
+    failed write (a full disk, a read-only folder; see :func:`write_failure_reason`)
+    becomes a :class:`UserError` naming ``final``.
     """
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
+        tmp_path = _create_temp_file(final)
+        mode = tmp_path.stat().st_mode & 0o777  # 0666 minus the umask
     except OSError as exc:
         raise UserError(f"{final}: cannot write ({exc.strerror or exc})") from None
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.stat().st_mode & 0o777 != mode:  # some writers (safetensors) make their file 0600
+            os.chmod(tmp_path, mode)
         if durable:
             with open(tmp_path, "rb+") as handle:  # flush to disk before the rename
                 os.fsync(handle.fileno())
         os.replace(tmp_path, final)
-    except OSError as exc:  # e.g. a full disk: the previous file under `final` is untouched
+    except Exception as exc:  # e.g. a full disk: the previous file under `final` is untouched
         tmp_path.unlink(missing_ok=True)
-        raise UserError(f"{final}: cannot write ({exc.strerror or exc}); any previous version is untouched") from None
+        reason = write_failure_reason(exc)
+        if reason is None:
+            raise
+        raise UserError(f"{final}: cannot write ({reason}); any previous version is untouched") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _create_temp_file(final: Path) -> Path:
+    """Create an empty hidden file ``.NAME.XXXXXXXX.tmp`` beside ``final``.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600) the file is created with mode 0666
+    minus the umask, like any other tool's output, so the renamed result is e.g. 0644.
+
+    Args:
+        final: the file the temporary one will replace.
+    """
+    for _ in range(100):
+        candidate = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final))
+
+
+def write_failure_reason(exc: BaseException) -> str | None:
+    """Why writing a file failed, if ``exc`` is a failed write; None for anything else.
+
+    Writers report I/O failures in their own types: Python raises ``OSError``;
+    ``torch.save`` into a file object raises a ``RuntimeError`` whose context is the
+    ``OSError``; safetensors raises ``SafetensorError("... I/O error: ...")``. Anything
+    else (a bug) is not a write failure and keeps its traceback.
+
+    Args:
+        exc: the exception raised while writing.
+    """
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, UserError):
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        if type(seen).__name__ == "SafetensorError" and "I/O error" in str(seen):
+            return str(seen).split("I/O error:", 1)[1].strip()
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None
 
 
 @contextlib.contextmanager
@@ -84,18 +132,74 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
         raise UserError(f"{final}: cannot write ({exc.strerror or exc})") from None
     try:
         yield tmp
+        _apply_umask_modes(tmp)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
-    except OSError as exc:
+    except Exception as exc:
         _put_back(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{final}: cannot write ({exc.strerror or exc}); any previous version is untouched") from None
+        reason = write_failure_reason(exc)
+        if reason is None:
+            raise
+        raise UserError(f"{final}: cannot write ({reason}); any previous version is untouched") from None
     except BaseException:
         _put_back(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _apply_umask_modes(folder: Path) -> None:
+    """Give every file under ``folder`` mode 0666 minus the umask (writers may make 0600 files).
+
+    Args:
+        folder: a folder created by ``mkdir`` (mode 0777 minus the umask, from which the
+            file mode follows).
+    """
+    file_mode = folder.stat().st_mode & 0o666
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != file_mode:
+            os.chmod(path, file_mode)
+
+
+# What interrupted atomic writes leave: .NAME.XXXXXXXX.tmp files (atomic_path; tempfile.mkstemp
+# before it), .NAME.tmp-PID and .NAME.old-PID folders (atomic_folder).
+_STALE_NAME = re.compile(r"\.(?P<name>.+?)\.(?:[A-Za-z0-9_]{8}\.tmp|(?P<folder>tmp|old)-\d+)")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted atomic writes under ``folder`` left behind.
+
+    A process killed during :func:`atomic_path` or :func:`atomic_folder` leaves hidden
+    ``.NAME.XXXXXXXX.tmp`` files and ``.NAME.tmp-PID`` folders; they are deleted. A
+    ``.NAME.old-PID`` folder is a previous version moved aside for a swap: it is put back
+    when ``NAME`` is missing (the swap never completed), else deleted. Only call this
+    while no other process writes into ``folder`` (e.g. holding the run's lock).
+
+    Args:
+        folder: the folder to clean, recursively.
+
+    Returns:
+        The paths removed or put back.
+    """
+    cleaned = []
+    for path in sorted(Path(folder).rglob(".*"), key=lambda p: len(p.parts), reverse=True):  # deepest first
+        match = _STALE_NAME.fullmatch(path.name)
+        if match is None or not path.exists():
+            continue
+        if match["folder"] is None:
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                cleaned.append(path)
+            continue
+        if not path.is_dir():
+            continue
+        if match["folder"] == "old":
+            _put_back(path, path.parent / match["name"])
+        shutil.rmtree(path, ignore_errors=True)
+        cleaned.append(path)
+    return cleaned
 
 
 def _put_back(old: Path, final: Path) -> None:

@@ -6,23 +6,39 @@ resume, then for each step: pick the batch, get latents and text embeddings, add
 noise, let the adapters condition the U-Net, take the loss, step; checkpoint,
 validate, log. Every random draw of step ``s`` comes from generators seeded by
 ``(seed, s)``, so a resumed run repeats an uninterrupted one exactly.
+
+The output folder belongs to one run at a time: the main process holds an exclusive
+lock on it (``.condkit-train.lock``, released by the kernel when the process dies), so
+a second run into the same folder stops with one line naming the holder. SIGTERM stops
+a run like Ctrl-C (temporary files are removed); temporary files a ``kill -9`` left are
+removed when the next run takes the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
+import os
 import random
+import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from condkit.errors import UserError
-from condkit.io import write_json_atomic
+from condkit.io import remove_stale_temporaries, write_json_atomic
 from condkit.train import checkpoint as ckpt
 from condkit.train.cache import EncodedSet, load_or_encode
+from condkit.train.config import check_validation_files, recipe_values
 from condkit.train.data import TrainingSet, collate, find_records
 from condkit.train.encode import encode_prompts, latent_distribution, sample_latents
 from condkit.train.prior import prior_records
@@ -35,12 +51,26 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
         recipe: a validated :class:`condkit.train.config.Recipe`.
         output_dir: where checkpoints, logs, validation grids and the final adapter go.
         resume: ``latest`` or a checkpoint folder, to continue a run.
-        overwrite: allow an existing, non-empty ``output_dir`` without ``resume``.
+        overwrite: allow an existing, non-empty ``output_dir`` without ``resume``; the
+            earlier run's checkpoints there are removed.
         show_progress: draw a progress bar (main process only).
 
     Returns:
         The output folder.
+
+    Raises:
+        UserError: bad input, another run holding ``output_dir``, a checkpoint that is
+            damaged or made by other settings, or a failed save (one line each).
     """
+    output_dir = Path(output_dir)
+    check_validation_files(recipe)
+    _check_output_dir(output_dir, resume, overwrite)
+    with contextlib.ExitStack() as hold, _sigterm_stops_the_run():
+        return _train(recipe, output_dir, resume, overwrite, show_progress, hold)
+
+
+def _train(recipe, output_dir: Path, resume: str | None, overwrite: bool, show_progress: bool, hold: contextlib.ExitStack) -> Path:
+    """The body of :func:`train`; ``hold`` keeps the output folder's lock until it returns."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, gather_object
@@ -50,9 +80,7 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
     from condkit.adapters import get_adapter_class, load_adapter, merge_unet_kwargs
     from condkit.base import load_base
 
-    output_dir = Path(output_dir)
     cfg, data_cfg = recipe.train, recipe.data
-    _check_output_dir(output_dir, resume, overwrite)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
     # accelerate keeps its settings (mixed precision, ...) in a process-wide singleton;
@@ -72,11 +100,17 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
             "use a multi-process (DDP) config such as recipes/accelerate/multi-gpu.yaml"
         )
     device, is_main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
+    _claim_output(accelerator, output_dir, resume, overwrite, hold, gather_object)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
     # ---- the base, frozen; the adapter to train; frozen adapters for composition ----
     torch.manual_seed(recipe.seed)  # adapter initialisation (e.g. LoRA A matrices)
     base = load_base(recipe.base, recipe.base_config or None)
+    run_values = {**recipe_values(recipe), "base_fingerprint": base.fingerprint()}
+    checkpoint = None
+    if resume:  # read and checked whole before any work: a damaged or foreign checkpoint stops here
+        checkpoint = ckpt.read_checkpoint(ckpt.resolve_resume(output_dir, resume))
+        ckpt.check_resumable(checkpoint, run_values, cfg.max_steps)
     if device.type != "cpu" or weight_dtype != torch.float32:  # a no-op .to() still makes diffusers warn
         base.to(device, dtype=weight_dtype)
     frozen_adapters = [load_adapter(path, base) for path in recipe.frozen_adapters]
@@ -128,12 +162,12 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
     prediction_type = noise_scheduler.config.prediction_type
 
     start_step = 0
-    if resume:
-        checkpoint_dir = ckpt.resolve_resume(output_dir, resume)
-        start_step = ckpt.load_checkpoint(checkpoint_dir, params, optimizer.optimizer, lr_scheduler)["step"]
-        accelerator.print(f"condkit: resumed from {checkpoint_dir} at step {start_step}")
-    if is_main:
-        accelerator.init_trackers("condkit")
+    if checkpoint is not None:
+        ckpt.restore_checkpoint(checkpoint, params, optimizer.optimizer, lr_scheduler)
+        start_step = checkpoint.step
+        accelerator.print(f"condkit: resumed from {checkpoint.path} at step {start_step}")
+    checkpoint_state = {"seed": recipe.seed, "recipe": recipe.source, "recipe_values": run_values,
+                        "cache": str(output_dir / "cache") if data_cfg.cache == "disk" else ""}
 
     progress = _progress_bar(cfg.max_steps, start_step, enabled=show_progress and is_main)
     window_loss, window_start, skipped, started = [], time.perf_counter(), 0, time.perf_counter()
@@ -202,16 +236,27 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             accelerator.wait_for_everyone()
             if is_main:
-                state = {"seed": recipe.seed, "recipe": recipe.source, "cache": str(output_dir / "cache") if data_cfg.cache == "disk" else ""}
-                ckpt.save_checkpoint(output_dir, done, params, optimizer.optimizer, lr_scheduler, state, cfg.keep_checkpoints)
+                ckpt.save_checkpoint(output_dir, done, params, optimizer.optimizer, lr_scheduler, checkpoint_state, cfg.keep_checkpoints)
         if recipe.validation.every and done % recipe.validation.every == 0 and done < cfg.max_steps and is_main:
-            _validate(adapter, base, recipe, output_dir, done, accelerator)
+            try:
+                _validate(adapter, base, recipe, output_dir, done, accelerator)
+            except UserError as exc:  # e.g. a full disk: say where the weights are
+                raise UserError(f"{exc}; {_newest_checkpoint_note(output_dir)}") from None
     progress.close()
 
-    # ---- the result: the adapter in its export formats, and a last validation grid ----
+    # ---- the result: the adapter in its export formats, then run.json, then a last validation grid ----
     accelerator.wait_for_everyone()
     rank_digests = gather_object([_parameter_digest(params)])  # every rank must hold the same weights
     if is_main:
+        base.unet.eval()
+        for module in adapter.trainable_modules():
+            module.eval()
+        try:
+            adapter.save(output_dir)
+        except UserError as exc:  # e.g. a full disk: keep the trained weights recoverable
+            note = _save_last_checkpoint(output_dir, cfg, params, optimizer.optimizer, lr_scheduler, checkpoint_state)
+            raise UserError(f"the adapter was not saved: {exc}; {note}") from None
+        # Written after the result, so run.json never claims steps whose result is missing.
         write_json_atomic(
             output_dir / "run.json",
             {
@@ -225,14 +270,42 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
                 "parameter_digest_per_rank": rank_digests,
             },
         )
-        base.unet.eval()
-        for module in adapter.trainable_modules():
-            module.eval()
-        adapter.save(output_dir)
         if recipe.validation.prompts or recipe.validation.images:
-            _validate(adapter, base, recipe, output_dir, cfg.max_steps, accelerator)
+            try:
+                _validate(adapter, base, recipe, output_dir, cfg.max_steps, accelerator)
+            except UserError as exc:
+                raise UserError(f"{exc}; the adapter itself is saved in {output_dir}") from None
     accelerator.end_training()
     return output_dir
+
+
+def _save_last_checkpoint(output_dir: Path, cfg, params, optimizer, lr_scheduler, state: dict) -> str:
+    """After a failed adapter save: checkpoint the final weights if possible; say where they are.
+
+    Args:
+        output_dir: the run's output folder.
+        cfg: the recipe's ``train`` section.
+        params: the trainable parameters.
+        optimizer: the (unwrapped) optimizer.
+        lr_scheduler: the LR scheduler.
+        state: the checkpoint state of this run.
+
+    Returns:
+        The second half of the error message: which checkpoint holds which weights.
+    """
+    try:
+        path = ckpt.save_checkpoint(output_dir, cfg.max_steps, params, optimizer, lr_scheduler, state, cfg.keep_checkpoints)
+    except UserError:
+        return _newest_checkpoint_note(output_dir)
+    return f"the trained weights are in {path}: make room, then --resume latest writes the adapter"
+
+
+def _newest_checkpoint_note(output_dir: Path) -> str:
+    """Where a stopped run can be continued from, for error messages."""
+    found = ckpt.list_checkpoints(output_dir)
+    if not found:
+        return "no checkpoint was saved (train.checkpoint_every); the weights of this run are lost"
+    return f"the newest checkpoint is {found[-1]}: make room, then --resume latest continues from it"
 
 
 def _parameter_digest(params: list[torch.nn.Parameter]) -> str:
@@ -243,11 +316,113 @@ def _parameter_digest(params: list[torch.nn.Parameter]) -> str:
     return digest.hexdigest()
 
 
+LOCK_FILE = ".condkit-train.lock"
+
+
 def _check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse a file as ``--output``, or a run's folder without ``--resume``/``--overwrite``."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output {output_dir}: exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (resume or overwrite):
+    used = output_dir.is_dir() and any(p.name != LOCK_FILE for p in output_dir.iterdir())
+    if used and not (resume or overwrite):
         raise UserError(f"--output {output_dir}: folder exists and is not empty (use --resume latest to continue, or --overwrite)")
+
+
+def _claim_output(accelerator, output_dir: Path, resume: str | None, overwrite: bool, hold: contextlib.ExitStack, gather_object) -> None:
+    """Lock the output folder (main process) and make it ready; every rank stops on a failure.
+
+    Ready means: writable (checked now, not after hours of encoding), no temporary files
+    of an interrupted run, no checkpoints of an earlier run when ``--overwrite`` starts
+    afresh (so ``--resume latest`` cannot continue it), and the log writer open.
+
+    Args:
+        accelerator: the run's accelerator.
+        output_dir: the run's output folder.
+        resume: ``--resume``, if given.
+        overwrite: ``--overwrite``.
+        hold: keeps the lock until the run ends.
+        gather_object: accelerate's ``gather_object`` (shares the outcome with every rank).
+    """
+    problem = ""
+    if accelerator.is_main_process:
+        try:
+            hold.enter_context(lock_output(output_dir))
+            removed = remove_stale_temporaries(output_dir)
+            if removed:
+                accelerator.print(f"condkit: removed {len(removed)} temporary file(s) of an interrupted run in {output_dir}")
+            if overwrite and not resume and (output_dir / ckpt.CHECKPOINT_DIR).exists():
+                shutil.rmtree(output_dir / ckpt.CHECKPOINT_DIR)
+                accelerator.print(f"condkit: --overwrite: removed the earlier run's checkpoints in {output_dir}")
+            try:
+                accelerator.init_trackers("condkit")
+            except OSError as exc:
+                raise UserError(f"{output_dir / 'logs'}: cannot write the TensorBoard log ({exc.strerror or exc})") from None
+        except UserError as exc:
+            problem = str(exc)
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        raise UserError(problems[0])
+
+
+@contextlib.contextmanager
+def lock_output(output_dir: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a run's output folder while the context is open.
+
+    ``flock`` on ``OUTPUT/.condkit-train.lock``: the kernel drops it when the holder
+    exits or is killed, so a stale lock never blocks. The file records the holder's pid
+    and host for the message another run gets.
+
+    Args:
+        output_dir: the folder (created if missing).
+
+    Raises:
+        UserError: the folder is not writable, or another run holds it (named).
+    """
+    path = output_dir / LOCK_FILE
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"--output {output_dir}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise UserError(f"--output {output_dir}: another training run is using it ({holder}); wait for it to end or choose another --output") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as exc:
+            raise UserError(f"--output {output_dir}: cannot write there ({exc.strerror or exc})") from None
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_run() -> Iterator[None]:
+    """While open, SIGTERM stops the run like Ctrl-C: cleanup code runs, exit code 143.
+
+    Python's default for SIGTERM ends the process at once, leaving the hidden temporary
+    files of a write in progress; as an exception it unwinds through the atomic writers,
+    which remove them. A second SIGTERM during that cleanup ends the process at once.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL  # None: set outside Python
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print("condkit: stopped by SIGTERM; --resume latest continues from the newest checkpoint", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _mix(*numbers: int) -> int:

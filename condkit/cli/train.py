@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. train.learning_rate=5e-5 (repeatable)")
     parser.add_argument("--output", type=Path, help="output folder (default: runs/<recipe>-<time>)")
     parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint in --output, or from a checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty --output")
+    parser.add_argument("--overwrite", action="store_true", help="train afresh into an existing, non-empty --output (its earlier checkpoints are removed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
     parser.set_defaults(run=run)
