@@ -248,19 +248,23 @@ def test_cache_key_changes_with_each_input(tmp_path):
     import dataclasses
     import os
 
+    import torch
+
     from condkit.train.cache import cache_key
     from condkit.train.data import Record
 
     class Base:  # what cache_key reads of a base
-        source = str(_images(tmp_path / "base", 1, 5))
+        source = "stub"
+        vae, text_encoder, image_encoder = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), None
 
         def fingerprint(self):
             return {"source": self.source}
 
+    base = Base()
     images = _images(tmp_path / "images", 2, 0)
     records = [Record(image=p, caption="a photo") for p in sorted(images.iterdir())]
 
-    def key(records=records, size=32, crop="center", flip=False, with_text=True, base=Base()):
+    def key(records=records, size=32, crop="center", flip=False, with_text=True):
         return cache_key(TrainingSet(records, size, crop, False, 0), base, [], with_text=with_text, flip=flip)
 
     reference = key()
@@ -276,10 +280,12 @@ def test_cache_key_changes_with_each_input(tmp_path):
     assert reference not in changed and len(set(changed)) == len(changed)
     os.utime(records[0].image, ns=(1, 1))  # the same path, another file
     assert key() != reference
-    before = key()
-    Image.new("RGB", (8, 8)).save(Path(Base.source) / "0.png")  # a changed base weight file
-    os.utime(Path(Base.source) / "0.png", ns=(2, 2))
-    assert key() != before
+    for module in (base.vae, base.text_encoder):  # other encoder weights (another base, a frozen text-encoder LoRA)
+        before = key()
+        with torch.no_grad():
+            module.weight[0, 0] += 1
+        assert key() != before
+    assert all(p.requires_grad for p in base.vae.parameters())  # the key only reads weights
 
 
 # ---- item 14: dataset paths stay inside the data folder ------------------------------------

@@ -174,25 +174,34 @@ def _source_identity(source: Any) -> Any:
     return _file_identity(Path(source))
 
 
-def _base_identity(base) -> dict:
-    """The base's fingerprint plus the identity of its weight files (a retrained base differs)."""
-    from condkit.base import EMBEDDED
-    from condkit.embedded import EMBEDDED_BASE_DIR
+def _weights_digest(modules: list) -> str:
+    """SHA-256 of the parameters and buffers of ``modules`` (any dtype or device), read only."""
+    digest = hashlib.sha256()
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    where = EMBEDDED_BASE_DIR if base.source == EMBEDDED else Path(base.source)
-    if where.is_dir():
-        files = sorted(p for p in where.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
-    else:
-        files = [where] if where.is_file() else []
-    return {"fingerprint": base.fingerprint(), "files": [_file_identity(p) for p in files]}
+
+def _encoders_identity(base, adapters, with_text: bool) -> dict:
+    """What the cached tensors pass through: the base's fingerprint and the weights of the
+    VAE, the text encoder (with any frozen LoRA inside it) and the image encoders."""
+    image_encoders = [base.image_encoder, *(getattr(a, "image_encoder", None) for a in adapters)]
+    return {
+        "fingerprint": base.fingerprint(),
+        "vae": _weights_digest([base.vae]),
+        "text_encoder": _weights_digest([base.text_encoder]) if with_text else None,
+        "image_encoders": _weights_digest(image_encoders),
+    }
 
 
 def _adapter_identity(adapter) -> dict:
-    """An adapter's kind, name, config and a checksum of its weights (frozen adapters shape extras and text)."""
+    """An adapter's kind, name and config (its weights count through the encoders they change)."""
     config = adapter.config.to_dict() if hasattr(adapter.config, "to_dict") else repr(adapter.config)
-    with torch.no_grad():
-        checksum = float(sum(p.detach().double().sum().item() for p in adapter.trainable_parameters()))
-    return {"kind": type(adapter).__name__, "name": adapter.name, "config": config, "weights": checksum}
+    return {"kind": type(adapter).__name__, "name": adapter.name, "config": config}
 
 
 def cache_key(dataset, base, adapters, *, with_text: bool, flip: bool) -> str:
@@ -200,8 +209,9 @@ def cache_key(dataset, base, adapters, *, with_text: bool, flip: bool) -> str:
 
     Covers each record's files (path, size, modification time; in-memory images by
     content), captions and condition preprocessor; the training size and crop; flip;
-    whether text is cached; the base (fingerprint and weight files) and the adapters
-    (kind, config, weights).
+    whether text is cached; the base's fingerprint and the weights of the encoders the
+    cache passes through (VAE, text encoder with any frozen LoRA in it, image encoders);
+    the adapters' kinds and configs.
 
     Args:
         dataset: a :class:`condkit.train.data.TrainingSet`.
@@ -220,7 +230,7 @@ def cache_key(dataset, base, adapters, *, with_text: bool, flip: bool) -> str:
         "crop": dataset.crop,
         "flip": flip,
         "with_text": with_text,
-        "base": _base_identity(base),
+        "encoders": _encoders_identity(base, adapters, with_text),
         "adapters": [_adapter_identity(a) for a in adapters],
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
