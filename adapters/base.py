@@ -17,16 +17,27 @@ frozen), and their U-Net keyword arguments are merged by :func:`merge_unet_kwarg
 from __future__ import annotations
 
 import dataclasses
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from condkit.errors import UserError
+
 if TYPE_CHECKING:
     from condkit.base import BaseModel
 
 ADAPTER_CONFIG_FILE = "condkit_adapter.json"
+# The keys condkit writes into condkit_adapter.json, with the JSON types each may hold.
+DESCRIPTION_KEYS: dict[str, tuple[type, ...]] = {
+    "kind": (str,),
+    "config": (dict,),
+    "base": (dict, type(None)),
+    "format": (str,),
+    "weights": (str,),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +212,58 @@ class Adapter(ABC):
     def describe(cls, path: str | Path) -> dict[str, Any]:
         """What a file of this kind is: format, rank/targets, which base it fits."""
         return {"kind": cls.kind}
+
+
+def read_adapter_description(path: str | Path) -> dict[str, Any]:
+    """Read and check a ``condkit_adapter.json``.
+
+    Args:
+        path: the ``condkit_adapter.json`` file.
+
+    Returns:
+        The description: ``kind`` (required), and optionally ``config`` (an object),
+        ``base`` (the fingerprint object, or null), ``format`` and ``weights``.
+
+    Raises:
+        UserError: not UTF-8 JSON, not an object, a missing ``kind``, an unknown key or a
+            key of the wrong type (naming the file and the key).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: not a valid condkit adapter description (not UTF-8 JSON: {type(exc).__name__})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a valid condkit adapter description (a JSON {type(data).__name__}, needs an object with 'kind')")
+    unknown = sorted(set(data) - set(DESCRIPTION_KEYS))
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r} (valid keys: {', '.join(DESCRIPTION_KEYS)})")
+    if "kind" not in data:
+        raise UserError(f"{path}: not a valid condkit adapter description (needs a 'kind' key)")
+    for key, value in data.items():
+        if not isinstance(value, DESCRIPTION_KEYS[key]):
+            allowed = " or ".join("null" if t is type(None) else {dict: "an object", str: "a string"}[t] for t in DESCRIPTION_KEYS[key])
+            raise UserError(f"{path}: key {key!r} is {json.dumps(value)[:60]}, must be {allowed}")
+    return data
+
+
+def check_config_keys(config: dict[str, Any], config_class: type[AdapterConfig], source: str) -> None:
+    """Refuse keys a kind's config does not have (a typo or another version's file).
+
+    Args:
+        config: the saved config.
+        config_class: the kind's config dataclass.
+        source: the file, for the message.
+
+    Raises:
+        UserError: naming the first unknown key and the valid ones.
+    """
+    fields = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise UserError(f"{source}: unknown config key {unknown[0]!r} (valid keys: {', '.join(fields)})")
 
 
 def merge_unet_kwargs(parts: list[dict[str, Any]]) -> dict[str, Any]:

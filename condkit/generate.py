@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from condkit.errors import UserError
 
 # Pipeline arguments that take one value per ControlNet (or per IP-Adapter) when several
 # are attached; a single adapter passes its value unwrapped, as diffusers expects.
 PER_ADAPTER_KEYS = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 CONCATENATED_KEYS = ("ip_adapter_image", "ip_adapter_image_embeds")
+# Adapter strengths (``--adapter PATH:SCALE``) outside this range are refused: the largest
+# strength any kind is used with is a few units, and beyond that the output overflows.
+MAX_ADAPTER_SCALE = 10.0
+
+
+def check_scale(scale: float, source: str) -> float:
+    """Check an adapter strength: finite and within +-:data:`MAX_ADAPTER_SCALE`.
+
+    Args:
+        scale: the strength (0 = the base's own output, 1 = as trained).
+        source: what gave it (e.g. the ``--adapter`` value), for the message.
+
+    Raises:
+        UserError: NaN, infinite or out of range.
+    """
+    if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
+        raise UserError(
+            f"{source}: adapter scale {scale!r} must be a finite number from -{MAX_ADAPTER_SCALE:g} to {MAX_ADAPTER_SCALE:g}"
+        )
+    return float(scale)
 
 
 def build_pipeline(base, adapters: list, inputs: dict[str, Any]):

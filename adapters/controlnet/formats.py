@@ -21,11 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from condkit.adapters.base import ADAPTER_CONFIG_FILE
+from condkit.adapters.base import ADAPTER_CONFIG_FILE, check_config_keys, read_adapter_description
 from condkit.adapters.controlnet.branch import as_float32, controlnet_from_unet
 from condkit.adapters.controlnet.config import ControlNetConfig
 from condkit.errors import UserError
-from condkit.io import check_safetensors_header, load_state_dict, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from condkit.io import (
+    check_finite,
+    check_safetensors_header,
+    load_state_dict,
+    save_safetensors_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
@@ -100,11 +107,13 @@ def read_condkit_config(path: str | Path) -> ControlNetConfig | None:
     described = folder / ADAPTER_CONFIG_FILE if folder is not None else None
     if described is None or not described.is_file():
         return None
+    description = read_adapter_description(described)
+    if description["kind"] != "controlnet":
+        return None
+    config = description.get("config") or {}
+    check_config_keys(config, ControlNetConfig, str(described))
     try:
-        description = json.loads(described.read_text())
-        if description.get("kind") != "controlnet":
-            return None
-        return ControlNetConfig(**(description.get("config") or {}))
+        return ControlNetConfig(**config)
     except (ValueError, TypeError) as exc:
         raise UserError(f"{described}: not a valid ControlNet description ({exc})") from None
 
@@ -117,13 +126,14 @@ def load_diffusers_folder(folder: Path) -> ControlNetModel:
     """
     from diffusers import ControlNetModel
 
-    weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        check_safetensors_header(weights)
+    from condkit.base import check_model_folder, load_errors
+
+    check_model_folder(folder)  # truncated files and pickles holding code: one line naming the file
     try:
         controlnet = ControlNetModel.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except load_errors() as exc:
         raise UserError(f"{folder}: cannot load as a diffusers ControlNet ({_first_line(exc)})") from None
+    check_finite(controlnet.state_dict(), str(folder))
     return as_float32(controlnet)
 
 
@@ -335,7 +345,10 @@ def describe(path: str | Path) -> dict[str, Any]:
     if found is None:
         raise UserError(f"{path}: not a ControlNet folder or file")
     if found == "diffusers":
+        from condkit.base import check_model_folder
+
         folder = diffusers_folder(path)
+        check_model_folder(folder)  # inspect reads no tensors, but must not call a broken file fine
         cfg = json.loads((folder / CONFIG_NAME).read_text())
         info = {
             "format": "diffusers",
@@ -347,7 +360,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         }
         described = folder / ADAPTER_CONFIG_FILE
         if described.is_file():
-            info["trained_on"] = json.loads(described.read_text()).get("base")
+            info["trained_on"] = read_adapter_description(described).get("base")
         return info
     state_dict = strip_original_prefix(load_state_dict(path))
     conditioning_channels, hint_channels = original_hint_channels(state_dict, path)

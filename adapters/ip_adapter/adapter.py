@@ -168,14 +168,12 @@ class IPAdapter(Adapter):
     # ---- building ----------------------------------------------------------------
     def _resolve_image_encoder(self, base) -> None:
         if self.config.image_encoder:
-            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
             folder = Path(self.config.image_encoder)
             if not (folder / "config.json").is_file():
                 raise UserError(f"adapter.image_encoder = {str(folder)!r}: not a CLIPVisionModelWithProjection folder (no config.json)")
-            self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
-            if (folder / "preprocessor_config.json").is_file():
-                self.feature_extractor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+            # formats.load_image_encoder names a truncated or pickled weight file in one line
+            self.image_encoder, processor = formats.load_image_encoder(folder)
+            self.feature_extractor = processor or self.feature_extractor
         if self.image_encoder is None:
             self.image_encoder = base.image_encoder
         if self.image_encoder is None:
