@@ -329,3 +329,38 @@ def test_control_image_without_a_controlnet_is_refused(lora_folder, reference_pn
 @pytest.mark.parametrize("guidance", ["nan", "inf", "-1", "1000"])
 def test_guidance_must_be_finite_and_in_range(tmp_path, guidance, capsys):
     refused(capsys, generate(tmp_path / "images", "--guidance", guidance), "--guidance", "from 0 to 100")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle"])
+def test_inspect_names_a_damaged_ip_adapter_image_encoder(ip_folder, tmp_path, damage, capsys):
+    folder = tmp_path / "ip"
+    shutil.copytree(ip_folder, folder)
+    bad = damage_component(folder / "image_encoder", damage, tmp_path / "PWNED")
+    refused(capsys, ["inspect", folder], str(bad))
+
+
+@pytest.fixture(scope="module")
+def controlnet_folder(base, tmp_path_factory):
+    """A fresh ControlNet branch saved as condkit writes it (OUT/controlnet/)."""
+    from condkit.adapters.controlnet import ControlNetAdapter, ControlNetConfig
+
+    adapter = ControlNetAdapter(ControlNetConfig())
+    adapter.attach(copy.deepcopy(base))
+    out = tmp_path_factory.mktemp("controlnet") / "run"
+    adapter.save(out)
+    return out
+
+
+def test_controlnet_with_nan_weights_or_a_truncated_file_is_refused(controlnet_folder, reference_png, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(controlnet_folder, out)
+    weights = out / "controlnet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], float("inf"))
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    refused(capsys, generate(tmp_path / "images", "--adapter", out, "--control-image", reference_png), key, "NaN/inf")
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    refused(capsys, ["inspect", out], str(weights), "truncated")
+    assert not (tmp_path / "images").exists()

@@ -407,6 +407,7 @@ class IPAdapter(Adapter):
         """Variant, tokens, layers and dimensions of an IP-Adapter file."""
         weights = formats.resolve_weight_file(path)
         state = formats.read_state_dicts(weights)
+        formats.check_image_encoder(weights)
         proj = state["image_proj"]
         variant = formats.detect_variant(proj, weights)
         layers = sorted({int(k.split(".")[0]) for k in state["ip_adapter"] if k.endswith("to_k_ip.weight")})

@@ -99,6 +99,22 @@ def read_state_dicts(path: str | os.PathLike) -> dict[str, dict[str, torch.Tenso
     return nested
 
 
+def check_image_encoder(weights: str | os.PathLike) -> None:
+    """Check the weight files of the ``image_encoder/`` beside an IP-Adapter weight file, if any.
+
+    For ``inspect``, which reads no encoder: a truncated or pickled encoder file is named
+    there too, not only when ``generate`` loads it.
+
+    Args:
+        weights: the IP-Adapter weight file.
+    """
+    from condkit.base import check_model_folder
+
+    folder = Path(weights).parent / IMAGE_ENCODER_FOLDER
+    if folder.is_dir():
+        check_model_folder(folder)
+
+
 def load_image_encoder(folder: str | os.PathLike):
     """The CLIP image encoder (and its image processor, if saved) of a local folder.
 
