@@ -146,6 +146,27 @@ def test_a_disk_full_everywhere_names_the_newest_checkpoint(recipe, tmp_path, mo
     assert _temporaries(out) == []
 
 
+@pytest.mark.parametrize("target", ["run.json", "validation"])
+def test_run_json_or_validation_grid_on_a_full_disk_is_one_line_and_keeps_the_adapter(recipe, tmp_path, monkeypatch, capsys, target):
+    import condkit.io as io
+
+    real_replace = io.os.replace
+
+    def replace(src, dst):  # the rename that would put this file in place finds no room
+        if target in (Path(dst).name, Path(dst).parent.name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    out = tmp_path / "run"
+    line = _error_line(*_cli(capsys, "train", str(recipe), "--output", str(out), "--no-progress", "--set", "train.checkpoint_every=0",
+                             "--set", "validation.prompts=[a zq square]", "--set", "validation.num_inference_steps=2"))
+    assert str(out / target) in line and "No space left on device" in line
+    assert (out / WEIGHTS).is_file() and _temporaries(out) == []
+    if target == "validation":
+        assert "the adapter itself is saved" in line and (out / "run.json").is_file()
+
+
 def _torch_save_on_a_full_disk(obj, handle):
     """What ``torch.save`` raises when the disk fills: a RuntimeError over the OSError."""
     try:
@@ -299,7 +320,8 @@ def test_temporaries_of_a_killed_run_are_cleaned_at_the_next_start(run_copy, cap
     recipe, out = run_copy
     checkpoints = out / "checkpoints"
     (out / f".{WEIGHTS}.ab12cd34.tmp").write_bytes(b"half")
-    (checkpoints / "step-00000002" / ".optimizer.pt.k9x_2abc.tmp").write_bytes(b"half")
+    (out / "validation").mkdir()
+    (out / "validation" / ".step-00000002.png.k9x_2abc.tmp").write_bytes(b"half")
     (checkpoints / ".step-00000003.tmp-99999").mkdir()
     (checkpoints / ".step-00000003.tmp-99999" / "optimizer.pt").write_bytes(b"half")
     os.replace(checkpoints / "step-00000002", checkpoints / ".step-00000002.old-99999")  # killed mid-swap

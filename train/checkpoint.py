@@ -187,8 +187,8 @@ def _read_checkpoint_files(path: Path) -> Checkpoint:
         try:
             pickled[name] = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for truncated or foreign files
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"{file}: damaged ({first_line})") from None
+            first_sentence = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+            raise UserError(f"{file}: damaged ({first_sentence})") from None
         if not isinstance(pickled[name], dict):
             raise UserError(f"{file}: damaged (not a state dict)")
     return Checkpoint(path, state, trainable, pickled[OPTIMIZER_FILE], pickled[SCHEDULER_FILE])

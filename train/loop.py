@@ -317,6 +317,9 @@ def _parameter_digest(params: list[torch.nn.Parameter]) -> str:
 
 
 LOCK_FILE = ".condkit-train.lock"
+# Where a run writes besides the output folder itself: stale temporaries are looked for only
+# here, never in folders of the user's that --output may point at.
+RUN_SUBFOLDERS = (ckpt.CHECKPOINT_DIR, "validation", "cache", "class_images")
 
 
 def _check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
@@ -347,7 +350,7 @@ def _claim_output(accelerator, output_dir: Path, resume: str | None, overwrite: 
     if accelerator.is_main_process:
         try:
             hold.enter_context(lock_output(output_dir))
-            removed = remove_stale_temporaries(output_dir)
+            removed = [p for folder in (output_dir, *(output_dir / name for name in RUN_SUBFOLDERS)) for p in remove_stale_temporaries(folder)]
             if removed:
                 accelerator.print(f"condkit: removed {len(removed)} temporary file(s) of an interrupted run in {output_dir}")
             if overwrite and not resume and (output_dir / ckpt.CHECKPOINT_DIR).exists():
