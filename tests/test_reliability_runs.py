@@ -405,6 +405,12 @@ def test_bad_validation_entries_fail_before_any_work(tmp_path, capsys, validatio
     assert named in line and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key, value", [("frozen_adapters", "[5]"), ("data.prior_prompt", "[1, a dog]")])
+def test_list_entries_that_are_not_text_are_named(recipe, capsys, key, value):
+    line = _error_line(*_cli(capsys, "train", str(recipe), "--validate-only", "--set", f"{key}={value}"))
+    assert f"{key}[0] must be text" in line
+
+
 # ---- item 13: written files respect the umask ---------------------------------------
 
 

@@ -265,6 +265,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     frozen = raw.get("frozen_adapters") or []
     if not isinstance(frozen, list):
         raise UserError(f"{source}: frozen_adapters must be a list of adapter paths, got {frozen!r}")
+    _check_type(frozen, list[str], source, "frozen_adapters")
     return Recipe(
         adapter=adapter,
         base=str(_check_type(raw.get("base", "embedded"), str, source, "base")),
