@@ -302,7 +302,7 @@ def attach_ip_adapter(pipe: Any, source: Path, scale: float, name: str) -> IPAda
 
     file = formats.resolve_weight_file(source)
     state = formats.read_state_dicts(file)
-    formats.detect_variant(state["image_proj"], file)
+    variant = formats.detect_variant(state["image_proj"], file)
     unet = pipe.unet
     if unet.encoder_hid_proj is not None or unet.config.encoder_hid_dim_type is not None:
         raise UserError(f"{file}: the pipeline's U-Net already has an encoder_hid_proj ({unet.config.encoder_hid_dim_type}); detach its IP-Adapter first")
@@ -312,7 +312,10 @@ def attach_ip_adapter(pipe: Any, source: Path, scale: float, name: str) -> IPAda
     encoder_folder = file.parent / formats.IMAGE_ENCODER_FOLDER
     if image_encoder is None and (encoder_folder / "config.json").is_file():
         encoder, _ = formats.load_image_encoder(encoder_folder)  # one line for a damaged file
+        check_image_encoder(encoder, state["image_proj"], variant, file)
         pipe.register_modules(image_encoder=encoder.to(device=pipe.device, dtype=pipe.dtype))
+    elif image_encoder is not None:
+        check_image_encoder(image_encoder, state["image_proj"], variant, file)
     try:
         pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
         pipe.set_ip_adapter_scale(scale)
@@ -322,6 +325,25 @@ def attach_ip_adapter(pipe: Any, source: Path, scale: float, name: str) -> IPAda
     return IPAdapterAttachment(
         "ip_adapter", name, source, pipe, scale, processors=processors, image_encoder=image_encoder, feature_extractor=feature_extractor
     )
+
+
+def check_image_encoder(encoder: Any, image_proj: dict[str, Any], variant: str, file: Path) -> None:
+    """Check the image encoder's features have the width the projection takes (else generation fails later).
+
+    Args:
+        encoder: a ``CLIPVisionModelWithProjection``.
+        image_proj: the file's ``image_proj`` weights.
+        variant: ``base`` (takes ``image_embeds``) or ``plus`` (takes hidden states).
+        file: the weight file, for the message.
+
+    Raises:
+        UserError: naming both widths.
+    """
+    takes = image_proj["proj.weight"].shape[1] if variant == "base" else image_proj["proj_in.weight"].shape[1]
+    feature = "projection_dim" if variant == "base" else "hidden_size"
+    gives = getattr(encoder.config, feature)
+    if takes != gives:
+        raise UserError(f"{file}: the projection takes {takes}-dim image features, the pipeline's image encoder gives {gives} ({feature}); another image encoder?")
 
 
 def restore_before_ip_adapter(pipe: Any, processors: dict[str, Any], image_encoder: Any, feature_extractor: Any) -> None:

@@ -221,6 +221,14 @@ def test_original_ip_adapter_bin_attaches_like_its_flat_safetensors(ip_folder, e
         assert pipe.image_encoder is encoder  # unload_ip_adapter alone would drop it
     assert np.abs(images[0] - images[1]).max() == 0
 
+    # A projection made for another image encoder is refused before anything changes.
+    proj = nested["image_proj"]["proj.weight"]
+    nested["image_proj"]["proj.weight"] = torch.zeros(proj.shape[0], proj.shape[1] + 8)
+    torch.save(nested, tmp_path / "ip-adapter_other_encoder.bin")
+    with pytest.raises(UserError, match=r"ip-adapter_other_encoder.bin: the projection takes \d+-dim image features") as caught:
+        condkit.attach(pipe, tmp_path / "ip-adapter_other_encoder.bin")
+    assert "\n" not in str(caught.value) and pipe.unet.encoder_hid_proj is None
+
 
 def test_controlnet_folder_on_txt2img_gives_a_controlnet_pipeline(controlnet_run, exported_base):
     from diffusers import StableDiffusionControlNetPipeline
@@ -295,3 +303,6 @@ def test_unreadable_source_is_one_line_naming_the_file(lora_folder, exported_bas
         condkit.attach(pipe, tmp_path / "missing.safetensors")
     with pytest.raises(UserError, match="scale"):
         condkit.attach(pipe, lora_folder, scale=float("nan"))
+    with pytest.raises(UserError, match="adapter name 'a.b'"):
+        condkit.attach(pipe, lora_folder, name="a.b")
+    assert peft_layers(pipe) == 0
