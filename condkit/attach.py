@@ -429,7 +429,9 @@ def attach_controlnet(pipe: Any, source: Path, scale: float, name: str) -> Contr
         scheduler=pipe.scheduler,
     )
     adapter = load_adapter(source, view, name=name, kind="controlnet")
-    controlnet = adapter.pipeline_components()["controlnet"].to(device=pipe.device, dtype=pipe.dtype)
+    controlnet = adapter.pipeline_components()["controlnet"]
+    if (controlnet.device, controlnet.dtype) != (pipe.device, pipe.dtype):  # .to() warns even when nothing changes
+        controlnet.to(device=pipe.device, dtype=pipe.dtype)
     existing = getattr(pipe, "controlnet", None)
     installed = None
     if existing is None:
