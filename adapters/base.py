@@ -30,8 +30,12 @@ if TYPE_CHECKING:
     from condkit.base import BaseModel
 
 ADAPTER_CONFIG_FILE = "condkit_adapter.json"
+# Version of the condkit_adapter.json layout this condkit writes and the newest it reads
+# (files written before the key existed count as version 1).
+DESCRIPTION_FORMAT_VERSION = 1
 # The keys condkit writes into condkit_adapter.json, with the JSON types each may hold.
 DESCRIPTION_KEYS: dict[str, tuple[type, ...]] = {
+    "format_version": (int,),
     "kind": (str,),
     "config": (dict,),
     "base": (dict, type(None)),
@@ -40,13 +44,81 @@ DESCRIPTION_KEYS: dict[str, tuple[type, ...]] = {
 }
 
 
+class AdapterStateError(UserError):
+    """An adapter used in the wrong state: attached twice, used before attach, ... (every kind)."""
+
+
+def config_field(default: Any, help: str, *, range: tuple[float, float] | None = None, choices: tuple[str, ...] | None = None):
+    """A config dataclass field carrying its help text and allowed range/choices.
+
+    Adapter configs and the recipe's sections declare every key this way; the one recipe
+    validator (:func:`condkit.train.config.build_dataclass`) checks types, ranges and
+    choices from it, and ``condkit train --keys`` prints it.
+
+    Args:
+        default: the default value (a list or dict default is copied per instance).
+        help: one line saying what the key does.
+        range: inclusive ``(low, high)`` bounds for a number.
+        choices: the allowed values for text.
+    """
+    meta = {"help": help, "range": range, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def config_key_rows(config_class: type, prefix: str) -> list[tuple[str, str, str, str]]:
+    """``(key, default, allowed, help)`` for every field of a config dataclass, for ``--keys`` and docs.
+
+    Args:
+        config_class: an adapter config or recipe-section dataclass.
+        prefix: the dotted section name (``adapter``, ``train``, ...).
+    """
+    rows = []
+    for field in dataclasses.fields(config_class):
+        if not field.init:
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        allowed = ""
+        if field.metadata.get("range"):
+            low, high = field.metadata["range"]
+            allowed = f">= {low}" if high == float("inf") else f"{low}..{high}"
+        elif field.metadata.get("choices"):
+            allowed = " / ".join(field.metadata["choices"])
+        rows.append((f"{prefix}.{field.name}", json.dumps(default, default=str), allowed, field.metadata.get("help", "")))
+    return rows
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     """Base of every kind's typed config; subclasses add their own fields with defaults.
 
-    Subclasses validate values in ``__post_init__`` and raise
-    :class:`condkit.errors.UserError` naming the key and the allowed range.
+    Every field is declared with :func:`config_field` (help text, range or choices);
+    subclasses check what the metadata cannot say (types of union fields, relations
+    between keys) in ``__post_init__`` and raise :class:`condkit.errors.UserError`
+    naming the key and the allowed range.
     """
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str, section: str = "config") -> AdapterConfig:
+        """Build a config from plain data (a recipe's ``adapter:`` block or a saved description).
+
+        Args:
+            data: key -> value.
+            source: the file the data comes from, for messages.
+            section: the dotted key prefix, for messages.
+
+        Raises:
+            UserError: an unknown key, a wrong type or a value out of range, naming
+                ``source`` and the key.
+        """
+        from condkit.train.config import build_dataclass
+
+        try:
+            return build_dataclass(cls, data, source, section)
+        except UserError as exc:
+            message = str(exc)
+            raise UserError(message if message.startswith(source) else f"{source}: {message}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (for ``condkit_adapter.json`` and recipes)."""
@@ -69,6 +141,17 @@ class Adapter(ABC):
         self.config = config
         self.name = name
         self.base: BaseModel | None = None
+
+    # ---- state checks (one error type for misuse, in every kind) -------------------
+    def check_unattached(self) -> None:
+        """Raise :class:`AdapterStateError` when this adapter is already attached to a base."""
+        if self.base is not None:
+            raise AdapterStateError(f"{self.kind} adapter {self.name!r} is already attached; detach it first")
+
+    def check_attached(self) -> None:
+        """Raise :class:`AdapterStateError` when this adapter is not attached to a base."""
+        if self.base is None:
+            raise AdapterStateError(f"{self.kind} adapter {self.name!r} is not attached to a base; attach it first")
 
     # ---- attach and detach -------------------------------------------------------
     @abstractmethod
@@ -203,6 +286,29 @@ class Adapter(ABC):
         (unmatched keys, shape mismatch naming the module and both shapes, ...).
         """
 
+    def save_description(self, folder: str | Path, format: str | None = None, weights: str | None = None) -> Path:
+        """Write ``folder/condkit_adapter.json`` for this adapter (every kind's :meth:`save` calls this).
+
+        Args:
+            folder: where the weights are.
+            format: the export format's name, when the kind records one.
+            weights: the weight file relative to ``folder``, when the kind records one.
+        """
+        fingerprint = self.base.fingerprint() if self.base is not None else None
+        return write_adapter_description(folder, self.kind, self.config, fingerprint, format=format, weights=weights)
+
+    @classmethod
+    def saved_config(cls, described: str | Path) -> AdapterConfig | None:
+        """The config recorded in a ``condkit_adapter.json`` of this kind (checked whole).
+
+        Args:
+            described: the ``condkit_adapter.json`` path.
+
+        Returns:
+            The config, or None when the file is absent or describes another kind.
+        """
+        return read_adapter_config(described, cls.kind, cls.config_class)
+
     @classmethod
     def can_load(cls, path: str | Path) -> bool:
         """Whether ``path`` looks like a file or folder of this kind (for ``inspect``/``generate``)."""
@@ -243,10 +349,73 @@ def read_adapter_description(path: str | Path) -> dict[str, Any]:
     if "kind" not in data:
         raise UserError(f"{path}: not a valid condkit adapter description (needs a 'kind' key)")
     for key, value in data.items():
-        if not isinstance(value, DESCRIPTION_KEYS[key]):
-            allowed = " or ".join("null" if t is type(None) else {dict: "an object", str: "a string"}[t] for t in DESCRIPTION_KEYS[key])
+        if not isinstance(value, DESCRIPTION_KEYS[key]) or isinstance(value, bool):
+            allowed = " or ".join("null" if t is type(None) else {dict: "an object", str: "a string", int: "a whole number"}[t] for t in DESCRIPTION_KEYS[key])
             raise UserError(f"{path}: key {key!r} is {json.dumps(value)[:60]}, must be {allowed}")
+    version = data.get("format_version", 1)
+    if version > DESCRIPTION_FORMAT_VERSION:
+        raise UserError(
+            f"{path}: format_version {version} is newer than this condkit reads ({DESCRIPTION_FORMAT_VERSION}); upgrade condkit"
+        )
+    if version < 1:
+        raise UserError(f"{path}: format_version {version} is not a valid version (1..{DESCRIPTION_FORMAT_VERSION})")
     return data
+
+
+def write_adapter_description(
+    folder: str | Path,
+    kind: str,
+    config: AdapterConfig,
+    base: dict[str, Any] | None,
+    format: str | None = None,
+    weights: str | None = None,
+) -> Path:
+    """Write ``folder/condkit_adapter.json`` atomically: the one writer for every kind.
+
+    Args:
+        folder: the adapter's folder (next to its weights).
+        kind: the kind name.
+        config: the kind's config.
+        base: the fingerprint of the base it was made on (None if unknown).
+        format: the export format's name (optional).
+        weights: the weight file relative to ``folder`` (optional).
+
+    Returns:
+        The file written.
+    """
+    from condkit.io import write_json_atomic
+
+    description: dict[str, Any] = {"format_version": DESCRIPTION_FORMAT_VERSION, "kind": kind, "config": config.to_dict(), "base": base}
+    description.update({key: value for key, value in (("format", format), ("weights", weights)) if value is not None})
+    path = Path(folder) / ADAPTER_CONFIG_FILE
+    write_json_atomic(path, description)
+    return path
+
+
+def read_adapter_config(described: str | Path, kind: str, config_class: type[AdapterConfig]) -> AdapterConfig | None:
+    """The config in a ``condkit_adapter.json``, when it describes ``kind``: the one reader for every kind.
+
+    Args:
+        described: the ``condkit_adapter.json`` path.
+        kind: the kind reading it.
+        config_class: that kind's config dataclass.
+
+    Returns:
+        The config, or None when there is no such file or it describes another kind.
+
+    Raises:
+        UserError: a broken description, an unknown key, a newer format version or a
+            bad config value, naming the file and the key.
+    """
+    described = Path(described)
+    if not described.is_file():
+        return None
+    description = read_adapter_description(described)
+    if description["kind"] != kind:
+        return None
+    config = description.get("config") or {}
+    check_config_keys(config, config_class, str(described))
+    return config_class.from_dict(config, str(described))
 
 
 def check_config_keys(config: dict[str, Any], config_class: type[AdapterConfig], source: str) -> None:

@@ -19,15 +19,8 @@ from typing import Any
 
 import yaml
 
+from condkit.adapters.base import config_field as _field  # one way to declare a key, for recipes and adapter kinds
 from condkit.errors import UserError, report_user_errors
-
-
-def _field(default: Any, help: str, *, range: tuple[float, float] | None = None, choices: tuple[str, ...] | None = None):
-    """A dataclass field carrying its help text and allowed range/choices."""
-    meta = {"help": help, "range": range, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from condkit.adapters.base import Adapter
+from condkit.adapters.base import AdapterStateError
 from condkit.adapters.controlnet import formats
 from condkit.adapters.controlnet.branch import check_fits, controlnet_from_unet
 from condkit.adapters.controlnet.config import ControlNetConfig
@@ -63,6 +64,7 @@ class ControlNetAdapter(Adapter):
     # ---- attach and detach -------------------------------------------------------
     def attach(self, base: BaseModel) -> None:
         """Build the branch from ``base`` (or ``config.init_from``) if there is none yet, and check it fits."""
+        self.check_unattached()
         if self.controlnet is None:
             if self.config.init_from:
                 self.controlnet = formats.read_controlnet(self.config.init_from, base, self.config).requires_grad_(True)
@@ -90,7 +92,7 @@ class ControlNetAdapter(Adapter):
 
     def _branch(self) -> ControlNetModel:
         if self.controlnet is None:
-            raise RuntimeError(f"controlnet {self.name}: attach it to a base first")
+            raise AdapterStateError(f"controlnet adapter {self.name!r} has no branch yet; attach it to a base first")
         return self.controlnet
 
     # ---- training hooks ----------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from condkit.adapters.base import ADAPTER_CONFIG_FILE, check_config_keys, read_adapter_description
+from condkit.adapters.base import ADAPTER_CONFIG_FILE, read_adapter_config, read_adapter_description, write_adapter_description
 from condkit.adapters.controlnet.branch import as_float32, controlnet_from_unet
 from condkit.adapters.controlnet.config import ControlNetConfig
 from condkit.errors import UserError
@@ -30,7 +30,6 @@ from condkit.io import (
     check_safetensors_header,
     load_state_dict,
     save_safetensors_atomic,
-    write_json_atomic,
     write_text_atomic,
 )
 
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
 
     from condkit.base import BaseModel
 
+KIND = "controlnet"
 EXPORT_SUBFOLDER = "controlnet"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -74,7 +74,7 @@ def write_diffusers_folder(
     # Same metadata as ModelMixin.save_pretrained, so any safetensors reader treats it alike.
     save_safetensors_atomic(controlnet.state_dict(), weights, metadata={"format": "pt"})
     write_text_atomic(config_file, controlnet.to_json_string())
-    write_json_atomic(described, {"kind": "controlnet", "config": config.to_dict(), "base": base_fingerprint})
+    write_adapter_description(folder, KIND, config, base_fingerprint)
     return [weights, config_file, described]
 
 
@@ -105,17 +105,9 @@ def read_condkit_config(path: str | Path) -> ControlNetConfig | None:
     """
     folder = diffusers_folder(path) if Path(path).is_dir() else Path(path).parent
     described = folder / ADAPTER_CONFIG_FILE if folder is not None else None
-    if described is None or not described.is_file():
+    if described is None:
         return None
-    description = read_adapter_description(described)
-    if description["kind"] != "controlnet":
-        return None
-    config = description.get("config") or {}
-    check_config_keys(config, ControlNetConfig, str(described))
-    try:
-        return ControlNetConfig(**config)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{described}: not a valid ControlNet description ({exc})") from None
+    return read_adapter_config(described, KIND, ControlNetConfig)
 
 
 def load_diffusers_folder(folder: Path) -> ControlNetModel:

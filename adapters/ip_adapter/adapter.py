@@ -13,7 +13,6 @@ diffusers runs, and the export loads there unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from condkit.adapters.base import ADAPTER_CONFIG_FILE, Adapter
 from condkit.adapters.ip_adapter import formats
 from condkit.adapters.ip_adapter.config import IPAdapterConfig
 from condkit.errors import UserError
-from condkit.io import save_safetensors_atomic, write_json_atomic
+from condkit.io import save_safetensors_atomic
 
 IMAGE_EMBEDS_KEY = "ip_image_embeds"
 IP_IMAGE_PROJ = "ip_image_proj"
@@ -99,8 +98,7 @@ class IPAdapter(Adapter):
             UserError: the U-Net already carries an ``encoder_hid_proj`` (e.g. another
                 IP-Adapter), or no image encoder is available.
         """
-        if self.base is not None:
-            raise RuntimeError(f"IP-Adapter {self.name!r} is already attached")
+        self.check_unattached()
         unet = base.unet
         if unet.encoder_hid_proj is not None or unet.config.encoder_hid_dim_type is not None:
             raise UserError(
@@ -369,9 +367,7 @@ class IPAdapter(Adapter):
         weights = out_dir / formats.WEIGHT_NAME
         save_safetensors_atomic(self.state_dict_flat(), weights, metadata={"format": "pt", "condkit_kind": self.kind})
         encoder = formats.save_image_encoder(self.image_encoder, self.feature_extractor, out_dir / formats.IMAGE_ENCODER_FOLDER)
-        description = out_dir / ADAPTER_CONFIG_FILE
-        fingerprint = self.base.fingerprint() if self.base is not None else None
-        write_json_atomic(description, {"kind": self.kind, "config": self.config.to_dict(), "base": fingerprint})
+        description = self.save_description(out_dir)
         return [weights, encoder, description]
 
     @classmethod
@@ -462,13 +458,6 @@ def _open_image(item):
 
 
 def _saved_options(description: Path) -> dict[str, Any]:
-    """The config saved in ``condkit_adapter.json`` (empty when absent)."""
-    if not description.is_file():
-        return {}
-    try:
-        data = json.loads(description.read_text())
-    except ValueError:
-        raise UserError(f"{description}: not valid JSON") from None
-    if data.get("kind") != IPAdapter.kind:
-        return {}
-    return {k: v for k, v in (data.get("config") or {}).items() if k in IPAdapterConfig.__dataclass_fields__}
+    """The config saved in ``condkit_adapter.json`` as keyword arguments (empty when absent)."""
+    config = IPAdapter.saved_config(description)
+    return config.to_dict() if config is not None else {}
