@@ -28,6 +28,7 @@ from condkit.errors import UserError
 
 if TYPE_CHECKING:
     from condkit.base import BaseModel
+    from condkit.families import Conditioning
 
 ADAPTER_CONFIG_FILE = "condkit_adapter.json"
 # Version of the condkit_adapter.json layout this condkit writes and the newest it reads
@@ -204,28 +205,61 @@ class Adapter(ABC):
 
     def drop_conditions(
         self,
-        text_embeds: torch.Tensor,
+        conditioning: Conditioning,
         extras: dict[str, torch.Tensor],
-        empty_text_embeds: torch.Tensor,
+        empty_conditioning: Conditioning,
         caption_dropout: float,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[Conditioning, dict[str, torch.Tensor]]:
         """Drop conditions for classifier-free guidance training.
 
-        Default: replace each sample's text embedding with the empty prompt's with
+        Default: replace each sample's prompt conditioning with the empty prompt's with
         probability ``caption_dropout``. Kinds with their own conditions (IP-Adapter's
         image) override it to drop jointly.
 
         Args:
-            text_embeds: (b, 77, d) text embeddings.
+            conditioning: the batch's prompt conditioning (the model family's: hidden
+                states and any extra U-Net arguments such as pooled embeddings).
             extras: what :meth:`encode_extras` returned for the batch.
-            empty_text_embeds: (1, 77, d) embedding of the empty prompt.
+            empty_conditioning: the empty prompt's conditioning (batch 1).
             caption_dropout: probability of dropping a caption, from the recipe.
             generator: the loop's CPU generator (reproducible draws).
         """
-        drop = torch.rand(text_embeds.shape[0], generator=generator) < caption_dropout  # (b,)
-        drop = drop.to(text_embeds.device)[:, None, None]
-        return torch.where(drop, empty_text_embeds.to(text_embeds.dtype), text_embeds), extras
+        drop = torch.rand(conditioning.batch_size, generator=generator) < caption_dropout  # (b,)
+        return conditioning.where(drop, empty_conditioning), extras
+
+    def sample_timesteps(self, batch_size: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+        """The diffusion timesteps of a training batch. Default: uniform (DDPM).
+
+        Kinds that learn mostly from high noise override it, e.g. with
+        :func:`condkit.train.diffusion.cubic_timesteps` (T2I-Adapter).
+
+        Args:
+            batch_size: b.
+            num_train_timesteps: T of the base's noise schedule.
+            generator: the loop's CPU generator (draw only from it: resume repeats it).
+
+        Returns:
+            (b,) int64 timesteps in ``[0, T)``, on the CPU.
+        """
+        from condkit.train.diffusion import uniform_timesteps
+
+        return uniform_timesteps(batch_size, num_train_timesteps, generator)
+
+    def loss_weights(self, timesteps: torch.Tensor, noise_scheduler: Any, snr_gamma: float) -> torch.Tensor | None:
+        """Per-sample weights of the diffusion loss. Default: min-SNR-gamma, none when 0.
+
+        Args:
+            timesteps: (b,) the batch's timesteps (from :meth:`sample_timesteps`).
+            noise_scheduler: the DDPM scheduler the noise was added with.
+            snr_gamma: the recipe's ``train.snr_gamma``.
+
+        Returns:
+            (b,) weights, or None for an unweighted mean.
+        """
+        from condkit.train.diffusion import min_snr_weights
+
+        return min_snr_weights(timesteps, noise_scheduler, snr_gamma)
 
     def unet_kwargs(
         self,

@@ -56,6 +56,14 @@ class BaseModel:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
+    def family(self):
+        """The base's model family (:class:`condkit.families.ModelFamily`): how prompts
+        condition its U-Net, its pipeline classes and kohya key prefixes."""
+        from condkit.families import family_of
+
+        return family_of(self)
+
+    @property
     def prediction_type(self) -> str:
         """``epsilon`` or ``v_prediction``, from the scheduler config."""
         return self.scheduler.config.get("prediction_type", "epsilon")
@@ -98,8 +106,6 @@ class BaseModel:
             components: replacements or additions (e.g. ``controlnet=...`` gives a
                 ``StableDiffusionControlNetPipeline``).
         """
-        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
-
         parts = dict(
             unet=self.unet,
             vae=self.vae,
@@ -112,7 +118,7 @@ class BaseModel:
             requires_safety_checker=False,
         )
         parts.update(components)
-        cls = StableDiffusionControlNetPipeline if parts.get("controlnet") is not None else StableDiffusionPipeline
+        cls = self.family.pipeline_class("controlnet" if parts.get("controlnet") is not None else "text2image")
         pipe = cls(**parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe

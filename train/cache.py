@@ -22,14 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from condkit.train.encode import encode_prompts, latent_distribution
+from condkit.families import Conditioning, family_of
+from condkit.train.encode import encode_conditioning, latent_distribution
 
 
 # safetensors header keys of a disk cache
 KEY_METADATA = "condkit_cache_key"
 CAPTIONS_METADATA = "condkit_captions"
+# Prefix of the prompt-conditioning tensors in a disk cache (text.encoder_hidden_states, ...).
+CONDITIONING_PREFIX = "text."
 # Bumped when what an encoding means changes (the image loader, the key's contents).
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: prompt conditioning stored as the model family's named tensors
 
 
 @dataclasses.dataclass
@@ -38,9 +41,11 @@ class EncodedSet:
 
     Attributes:
         latent_mean, latent_std: (variants, n, c, h, w); variant 1 is the flipped image.
-        caption_index: (n,) index of each sample's caption into ``text_embeds``.
-        text_embeds: (u, 77, d) embeddings of the unique captions, or None when the
-            text encoder trains (then captions are encoded every step).
+        caption_index: (n,) index of each sample's caption into ``conditioning``.
+        conditioning: the unique captions' prompt conditioning as the model family's
+            named tensors (:meth:`condkit.families.Conditioning.tensors`, each (u, ...);
+            SD: ``encoder_hidden_states`` (u, 77, d)), or None when a text encoder
+            trains (then captions are encoded every step).
         captions: the n captions.
         extras: adapter encodings, name -> (variants, n, ...).
     """
@@ -48,12 +53,12 @@ class EncodedSet:
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
     caption_index: torch.Tensor
-    text_embeds: torch.Tensor | None
+    conditioning: dict[str, torch.Tensor] | None
     captions: list[str]
     extras: dict[str, torch.Tensor]
 
     def batch(self, indices: list[int], flips: list[bool]) -> dict:
-        """Gather a batch: latent distribution, text embeddings (if cached), extras.
+        """Gather a batch: latent distribution, prompt conditioning (if cached), extras.
 
         Args:
             indices: sample indices.
@@ -67,8 +72,8 @@ class EncodedSet:
             "caption": [self.captions[i] for i in indices],
             "extras": {k: v[variant, index] for k, v in self.extras.items()},
         }
-        if self.text_embeds is not None:
-            out["text_embeds"] = self.text_embeds[self.caption_index[index]]  # (b, 77, d)
+        if self.conditioning is not None:
+            out["conditioning"] = Conditioning.from_tensors(self.conditioning).take(self.caption_index[index])  # batch b
         return out
 
     def save(self, path: str | Path, key: str = "") -> None:
@@ -85,8 +90,8 @@ class EncodedSet:
         from condkit.io import save_safetensors_atomic, write_json_atomic
 
         tensors = {"latent_mean": self.latent_mean, "latent_std": self.latent_std, "caption_index": self.caption_index}
-        if self.text_embeds is not None:
-            tensors["text_embeds"] = self.text_embeds
+        if self.conditioning is not None:
+            tensors.update({CONDITIONING_PREFIX + k: v for k, v in self.conditioning.items()})
         tensors.update({f"extras.{k}": v for k, v in self.extras.items()})
         metadata = {KEY_METADATA: key, CAPTIONS_METADATA: json.dumps(self.captions)}
         save_safetensors_atomic(tensors, path, metadata=metadata)
@@ -103,7 +108,7 @@ class EncodedSet:
             latent_mean=tensors["latent_mean"],
             latent_std=tensors["latent_std"],
             caption_index=tensors["caption_index"],
-            text_embeds=tensors.get("text_embeds"),
+            conditioning={k[len(CONDITIONING_PREFIX) :]: v for k, v in tensors.items() if k.startswith(CONDITIONING_PREFIX)} or None,
             captions=captions,
             extras={k[len("extras.") :]: v for k, v in tensors.items() if k.startswith("extras.")},
         )
@@ -117,7 +122,7 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
         dataset: a :class:`condkit.train.data.TrainingSet` with center crops.
         base: the frozen base.
         adapters: all attached adapters; each one's ``encode_extras`` is cached too.
-        with_text: also cache text embeddings (False when the text encoder trains).
+        with_text: also cache the prompt conditioning (False when a text encoder trains).
         flip: encode the flipped variant as well.
         batch_size: encoding batch size.
         progress: optional callable(done, total) for a progress display.
@@ -146,14 +151,15 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
     captions = [record.caption for record in dataset.records]
     unique = sorted(set(captions))
     lookup = {caption: i for i, caption in enumerate(unique)}
-    text_embeds = None
+    conditioning = None
     if with_text:
-        text_embeds = torch.cat([encode_prompts(base, unique[i : i + 64]).float().cpu() for i in range(0, len(unique), 64)])
+        parts = [encode_conditioning(base, unique[i : i + 64]).to("cpu", torch.float32) for i in range(0, len(unique), 64)]
+        conditioning = Conditioning.cat(parts).tensors()
     return EncodedSet(
         latent_mean=torch.stack(means),
         latent_std=torch.stack(stds),
         caption_index=torch.tensor([lookup[c] for c in captions], dtype=torch.long),
-        text_embeds=text_embeds,
+        conditioning=conditioning,
         captions=captions,
         extras={k: torch.stack(v) for k, v in extras.items()},
     )
@@ -193,7 +199,7 @@ def _encoders_identity(base, adapters, with_text: bool) -> dict:
     return {
         "fingerprint": base.fingerprint(),
         "vae": _weights_digest([base.vae]),
-        "text_encoder": _weights_digest([base.text_encoder]) if with_text else None,
+        "text_encoder": _weights_digest(list(family_of(base).text_encoders(base).values())) if with_text else None,
         "image_encoders": _weights_digest(image_encoders),
     }
 

@@ -1,12 +1,16 @@
 """Resumable checkpoints, written atomically.
 
 A checkpoint is a folder ``checkpoints/step-00000100/`` holding the trainable
-parameters (safetensors), the optimizer and LR-scheduler states (weights-only torch
-files), and ``state.json`` (step, seed, the recipe's values, the base's fingerprint).
+parameters (safetensors, by parameter name), the optimizer and LR-scheduler states
+(weights-only torch files; the optimizer's per-parameter state is keyed by the same
+names), and ``state.json`` (step, seed, the recipe's values, the base's fingerprint).
 It is written under a temporary name and renamed into place, so a crash or a full disk
 during a save never damages the previous checkpoint; only the newest ``keep`` are kept.
 The data order, noise and dropout of every step are drawn from generators seeded by
-``(seed, step)``, so the step number is all the RNG state a resume needs.
+``(seed, step)``, so the step number is all the RNG state a resume needs. Because
+everything is stored by name, an adapter that lists its parameters in another order
+after a restart still resumes exactly, and a checkpoint of another adapter is refused
+naming the first parameter that does not match.
 
 A checkpoint is read whole before anything is restored (:func:`read_checkpoint`): a
 damaged file is named in one line that offers the newest checkpoint that still reads.
@@ -26,12 +30,19 @@ import torch
 from condkit.errors import UserError
 from condkit.io import atomic_folder, load_state_dict, write_failure_reason
 
+# Trainable parameters: a name -> parameter mapping, or a list (named param.00000, ... by position).
+Parameters = dict[str, torch.nn.Parameter] | list[torch.nn.Parameter]
+
 CHECKPOINT_DIR = "checkpoints"
 PREFIX = "step-"
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "lr_scheduler.pt"
+
+POSITIONAL_PREFIX = "param."
+# Marks an optimizer state whose per-parameter entries are keyed by parameter name.
+NAMED_OPTIMIZER_STATE = "condkit_parameter_names"
 
 # Recipe keys a resume may change: they do not alter the steps already taken (how long
 # to train, how often to save/log/validate, how data is loaded).
@@ -55,13 +66,13 @@ class Checkpoint:
         return self.state["step"]
 
 
-def save_checkpoint(output_dir: Path, step: int, params: list[torch.nn.Parameter], optimizer, lr_scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(output_dir: Path, step: int, params: Parameters, optimizer, lr_scheduler, state: dict, keep: int) -> Path:
     """Write a checkpoint for ``step`` and prune old ones.
 
     Args:
         output_dir: the run's output folder.
         step: optimizer steps completed.
-        params: the trainable parameters, in the adapter's stable order.
+        params: the trainable parameters by name (a list is named by position).
         optimizer: the optimizer (its ``state_dict`` is saved).
         lr_scheduler: the LR scheduler.
         state: extra JSON data (seed, recipe values, base fingerprint).
@@ -77,10 +88,11 @@ def save_checkpoint(output_dir: Path, step: int, params: list[torch.nn.Parameter
     from safetensors.torch import save_file
 
     final = output_dir / CHECKPOINT_DIR / f"{PREFIX}{step:08d}"
-    tensors = {f"param.{i:05d}": p.detach().to("cpu").contiguous() for i, p in enumerate(params)}
+    named = _named(params)
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in named.items()}
     writers: dict[str, Callable[[Path], None]] = {
         TRAINABLE_FILE: lambda path: save_file(tensors, str(path)),
-        OPTIMIZER_FILE: lambda path: _torch_save(optimizer.state_dict(), path),
+        OPTIMIZER_FILE: lambda path: _torch_save(_optimizer_state_by_name(optimizer, named), path),
         SCHEDULER_FILE: lambda path: _torch_save(lr_scheduler.state_dict(), path),
         STATE_FILE: lambda path: path.write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n"),
     }
@@ -241,42 +253,121 @@ def check_resumable(checkpoint: Checkpoint, recipe_values: dict[str, Any], max_s
         )
 
 
-def restore_checkpoint(checkpoint: Checkpoint, params: list[torch.nn.Parameter], optimizer, lr_scheduler) -> None:
+def restore_checkpoint(checkpoint: Checkpoint, params: Parameters, optimizer, lr_scheduler) -> None:
     """Put a read checkpoint's parameters, optimizer and scheduler states in place.
+
+    Parameters and optimizer state are matched by name, so their order does not matter.
+    A checkpoint written before names were stored (``param.00000``, ...) is matched by
+    position, as it was saved.
 
     Args:
         checkpoint: from :func:`read_checkpoint`.
-        params: the trainable parameters, in the same order as when saved.
+        params: the trainable parameters by name (a list is named by position).
         optimizer: the optimizer to restore.
         lr_scheduler: the LR scheduler to restore.
 
     Raises:
-        UserError: the checkpoint does not match the adapter (count, names or shapes).
+        UserError: the checkpoint does not match the adapter (naming the first parameter
+            missing on either side, or whose shape differs).
     """
     path, saved = checkpoint.path, checkpoint.trainable
-    if len(saved) != len(params):
-        raise UserError(f"{path}: holds {len(saved)} trainable tensors but the adapter has {len(params)} (another recipe?)")
+    named = _named(params)
+    if _is_positional(saved) and not _is_positional(named):  # an older checkpoint: by position
+        named = _named(list(named.values()))
+    file = path / TRAINABLE_FILE
+    missing = [name for name in named if name not in saved]
+    if missing:
+        raise UserError(f"{file}: no tensor for the trainable parameter {missing[0]!r} "
+                        f"({len(missing)} of {len(named)} missing; a checkpoint of another adapter or recipe?)")
+    unknown = [name for name in saved if name not in named]
+    if unknown:
+        raise UserError(f"{file}: holds {unknown[0]!r}, which this adapter does not train ({len(unknown)} such tensors; another recipe?)")
+    for name, param in named.items():
+        if saved[name].shape != param.shape:
+            raise UserError(f"{file}: {name!r} has shape {tuple(saved[name].shape)}, the adapter expects {tuple(param.shape)}")
     with torch.no_grad():
-        for i, param in enumerate(params):
-            value = saved.get(f"param.{i:05d}")
-            if value is None:
-                raise UserError(f"{path / TRAINABLE_FILE}: no tensor 'param.{i:05d}'")
-            if value.shape != param.shape:
-                raise UserError(f"{path}: tensor {i} has shape {tuple(value.shape)}, the adapter expects {tuple(param.shape)}")
-            param.copy_(value)
+        for name, param in named.items():
+            param.copy_(saved[name])
     try:
-        optimizer.load_state_dict(checkpoint.optimizer)
+        optimizer.load_state_dict(_optimizer_state_by_index(checkpoint.optimizer, optimizer, named, file.with_name(OPTIMIZER_FILE)))
         lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
     except (KeyError, ValueError, TypeError) as exc:  # torch's reasons for a state of another optimizer
         raise UserError(f"{path}: optimizer or scheduler state does not fit this run ({exc})") from None
 
 
-def load_checkpoint(path: Path, params: list[torch.nn.Parameter], optimizer, lr_scheduler) -> dict:
+def _named(params: Parameters) -> dict[str, torch.nn.Parameter]:
+    """Parameters by name; a list is named ``param.00000``, ... by position."""
+    if isinstance(params, dict):
+        return dict(params)
+    return {f"{POSITIONAL_PREFIX}{i:05d}": p for i, p in enumerate(params)}
+
+
+def _is_positional(tensors: dict) -> bool:
+    """Whether every name is a positional ``param.NNNNN`` one."""
+    return all(name.startswith(POSITIONAL_PREFIX) and name[len(POSITIONAL_PREFIX) :].isdigit() for name in tensors)
+
+
+def _optimizer_names(optimizer, named: dict[str, torch.nn.Parameter]) -> list[list[str]]:
+    """The names of each optimizer group's parameters, in the optimizer's order.
+
+    Raises:
+        ValueError: the optimizer holds a parameter that is not among ``named``.
+    """
+    name_of = {id(p): name for name, p in named.items()}
+    groups = []
+    for number, group in enumerate(optimizer.param_groups):
+        unnamed = [i for i, p in enumerate(group["params"]) if id(p) not in name_of]
+        if unnamed:
+            raise ValueError(f"optimizer group {number} holds parameter {unnamed[0]}, which is not among the trainable parameters")
+        groups.append([name_of[id(p)] for p in group["params"]])
+    return groups
+
+
+def _optimizer_state_by_name(optimizer, named: dict[str, torch.nn.Parameter]) -> dict:
+    """The optimizer's ``state_dict`` with parameter names in place of torch's position indices."""
+    state = optimizer.state_dict()
+    order = [name for group in _optimizer_names(optimizer, named) for name in group]  # torch's index -> name
+    return {
+        "state": {order[index]: value for index, value in state["state"].items()},
+        "param_groups": [{**group, "params": [order[index] for index in group["params"]]} for group in state["param_groups"]],
+        NAMED_OPTIMIZER_STATE: True,
+    }
+
+
+def _optimizer_state_by_index(saved: dict, optimizer, named: dict[str, torch.nn.Parameter], file: Path) -> dict:
+    """A saved optimizer state in the positions of ``optimizer``'s parameters now.
+
+    Each current group takes the saved group holding the same names (its hyperparameters
+    and per-parameter state); torch then pairs saved and current parameters by position,
+    which are now the same parameters.
+
+    Raises:
+        UserError: a current group has no saved group with the same parameters (naming one).
+    """
+    if not saved.get(NAMED_OPTIMIZER_STATE):
+        return saved  # written before names were stored: positional, as saved
+    current = _optimizer_names(optimizer, named)
+    index = {name: i for i, name in enumerate(name for group in current for name in group)}
+    saved_by_names = {frozenset(group["params"]): group for group in saved["param_groups"]}
+    groups = []
+    for names in current:
+        match = saved_by_names.get(frozenset(names))
+        if match is None:
+            stray = next((n for n in names if not any(n in g["params"] for g in saved["param_groups"])), names[0] if names else "?")
+            raise UserError(f"{file}: no optimizer state for the parameter group holding {stray!r} (another recipe?)")
+        groups.append({**match, "params": [index[name] for name in names]})
+    unknown = [name for name in saved["state"] if name not in index]
+    if unknown:
+        raise UserError(f"{file}: optimizer state for {unknown[0]!r}, which this adapter does not train")
+    return {"state": {index[name]: value for name, value in saved["state"].items()}, "param_groups": groups}
+
+
+def load_checkpoint(path: Path, params: Parameters, optimizer, lr_scheduler) -> dict:
     """Read a checkpoint and restore it; return its state (``step``, ``seed``, ...).
 
     Args:
         path: a checkpoint folder.
-        params: the trainable parameters, in the same order as when saved.
+        params: the trainable parameters by name (a list is named by position).
         optimizer: the optimizer to restore.
         lr_scheduler: the LR scheduler to restore.
     """

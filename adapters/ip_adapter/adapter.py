@@ -275,7 +275,7 @@ class IPAdapter(Adapter):
         hidden = self.config.variant == "plus"
         return {IMAGE_EMBEDS_KEY: encode_images(reference, self.image_encoder, self.feature_extractor, hidden)}
 
-    def drop_conditions(self, text_embeds, extras, empty_text_embeds, caption_dropout, generator):
+    def drop_conditions(self, conditioning, extras, empty_conditioning, caption_dropout, generator):
         """Drop the image, the caption or both, per sample (``drop_image/text/both``).
 
         One uniform draw per sample picks the case, so the three are exclusive. A dropped
@@ -283,16 +283,15 @@ class IPAdapter(Adapter):
         base). ``caption_dropout`` is not used: the config's probabilities replace it.
         """
         cfg = self.config
-        draw = torch.rand(text_embeds.shape[0], generator=generator)  # (b,)
+        draw = torch.rand(conditioning.batch_size, generator=generator)  # (b,)
         drop_image_only = draw < cfg.drop_image
         drop_text_only = (draw >= cfg.drop_image) & (draw < cfg.drop_image + cfg.drop_text)
         drop_both = (draw >= cfg.drop_image + cfg.drop_text) & (draw < cfg.drop_image + cfg.drop_text + cfg.drop_both)
-        drop_text = (drop_text_only | drop_both).to(text_embeds.device)[:, None, None]
-        text_embeds = torch.where(drop_text, empty_text_embeds.to(text_embeds.dtype), text_embeds)
+        conditioning = conditioning.where(drop_text_only | drop_both, empty_conditioning)
         embeds = extras[IMAGE_EMBEDS_KEY]
         drop_image = (drop_image_only | drop_both).to(embeds.device).view(-1, *([1] * (embeds.ndim - 1)))
         uncond = self._uncond_embeds.to(device=embeds.device, dtype=embeds.dtype)
-        return text_embeds, {**extras, IMAGE_EMBEDS_KEY: torch.where(drop_image, uncond, embeds)}
+        return conditioning, {**extras, IMAGE_EMBEDS_KEY: torch.where(drop_image, uncond, embeds)}
 
     def unet_kwargs(self, noisy_latents, timesteps, text_embeds, extras) -> dict[str, Any]:
         """``added_cond_kwargs={"image_embeds": [(b, 1, ...)]}``: one list entry per IP-Adapter,

@@ -38,11 +38,13 @@ from typing import Any, Iterable
 import torch
 
 from condkit.errors import UserError
+from condkit.families.sd import KOHYA_PREFIXES as SD_KOHYA_PREFIXES
 
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
 COMPONENTS = (UNET, TEXT_ENCODER)
-KOHYA_PREFIXES = {UNET: "lora_unet_", TEXT_ENCODER: "lora_te_"}
+# The SD 1.x/2.x family owns its kohya prefixes (lora_unet_, lora_te_); another family brings its own.
+KOHYA_PREFIXES = {component: SD_KOHYA_PREFIXES[component] for component in COMPONENTS}
 TEXT_MODEL_PREFIX = "text_model."
 # peft's per-module LoRA tensor names (after diffusers' conversion to peft naming).
 PEFT_DOWN, PEFT_UP, PEFT_MAGNITUDE = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
