@@ -126,6 +126,68 @@ class AdapterConfig:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleInput:
+    """A per-sample training input a kind needs besides the image and caption.
+
+    The data layer (:mod:`condkit.train.data`) reads every input the registered kinds
+    declare, without knowing any kind: from ``metadata.jsonl`` columns, from a folder
+    beside ``images/`` matched by file stem, from a folder a recipe key names, or made
+    from the image by a preprocessor a recipe key names. Batches carry it under
+    ``name`` as a (b, 3, H, W) float tensor in [0, 1].
+
+    Attributes:
+        name: the key in ``Record.inputs`` and in the batch (e.g. ``condition``).
+        label: what it is, for messages (e.g. ``condition map``).
+        columns: ``metadata.jsonl`` columns naming its file, in order of preference.
+        folder: a folder beside ``images/`` holding one file per image, matched by the
+            image's path below ``images/`` without suffix ('' = none).
+        folder_key: a ``data`` recipe key naming a folder of files matched to the
+            images by file stem; it replaces any other source ('' = none).
+        preprocessor_key: a ``data`` recipe key naming a preprocessor that makes the
+            input from the (cropped) image when a sample has none ('' = none).
+        aligned: a map of the image: it must have the image's size and takes the
+            image's crop; otherwise it is center-cropped on its own. Both follow the
+            image's flip.
+        default_to_image: a sample without it gets the training image itself.
+    """
+
+    name: str
+    label: str
+    columns: tuple[str, ...] = ()
+    folder: str = ""
+    folder_key: str = ""
+    preprocessor_key: str = ""
+    aligned: bool = True
+    default_to_image: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateInput:
+    """A per-adapter input of ``condkit generate``: a repeatable option the kind consumes.
+
+    The CLI adds the option from this declaration, refuses it when no adapter of the
+    kind is given, loads its files through condkit's image loader, and passes them to
+    :meth:`Adapter.pipeline_call_kwargs` as ``inputs[key]`` (a list, in option order).
+
+    Attributes:
+        option: the command-line option, e.g. ``--control-image``.
+        key: the key in the generate inputs, e.g. ``control_images``.
+        help: the option's help text.
+        label: the kind's name for people, for messages (e.g. ``ControlNet``).
+        one_per_adapter: each adapter of the kind takes one value, so more values than
+            adapters is an error.
+        metavar: the value's placeholder in ``--help``.
+    """
+
+    option: str
+    key: str
+    help: str
+    label: str
+    one_per_adapter: bool = False
+    metavar: str = "IMAGE"
+
+
 class Adapter(ABC):
     """One adapter instance of a kind, attached to at most one base at a time.
 
@@ -137,6 +199,16 @@ class Adapter(ABC):
 
     kind: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]]
+    # Per-sample training inputs this kind reads (see SampleInput); the data layer reads
+    # those of every registered kind, so frozen adapters get theirs too.
+    sample_inputs: ClassVar[tuple[SampleInput, ...]] = ()
+    # Options of `condkit generate` this kind consumes (see GenerateInput).
+    generate_inputs: ClassVar[tuple[GenerateInput, ...]] = ()
+    # The pipeline component this kind adds (a key of pipeline_components()) and the
+    # pipeline purpose a pipeline with it needs, which the base's model family maps to a
+    # diffusers class (e.g. "controlnet"); '' = the base's text-to-image pipeline.
+    pipeline_component: ClassVar[str] = ""
+    pipeline_purpose: ClassVar[str] = ""
 
     def __init__(self, config: AdapterConfig, name: str = "default") -> None:
         self.config = config
@@ -302,6 +374,30 @@ class Adapter(ABC):
     def pipeline_call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Pipeline call arguments this kind adds, from the user's generate inputs."""
         return {}
+
+    @classmethod
+    def combine_pipeline_components(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One set of pipeline components from those of several adapters of this kind.
+
+        Default: merged, a later adapter's component replacing an earlier one's. Kinds
+        whose components stack override it (several ControlNets become one
+        ``MultiControlNetModel``).
+
+        Args:
+            parts: :meth:`pipeline_components` of each adapter of this kind, in order.
+        """
+        return {key: value for part in parts for key, value in part.items()}
+
+    @classmethod
+    def combine_pipeline_kwargs(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One set of pipeline call arguments from those of several adapters of this kind.
+
+        Default: merged, a later adapter's value replacing an earlier one's.
+
+        Args:
+            parts: :meth:`pipeline_call_kwargs` of each adapter of this kind, in order.
+        """
+        return {key: value for part in parts for key, value in part.items()}
 
     # ---- persistence -------------------------------------------------------------
     @abstractmethod

@@ -214,7 +214,7 @@ def cache_key(dataset, base, adapters, *, with_text: bool, flip: bool) -> str:
     """A digest of everything an :class:`EncodedSet` of ``dataset`` depends on.
 
     Covers each record's files (path, size, modification time; in-memory images by
-    content), captions and condition preprocessor; the training size and crop; flip;
+    content) including its per-sample inputs, captions and input preprocessors; the training size and crop; flip;
     whether text is cached; the base's fingerprint and the weights of the encoders the
     cache passes through (VAE, text encoder with any frozen LoRA in it, image encoders);
     the adapters' kinds and configs.
@@ -229,7 +229,12 @@ def cache_key(dataset, base, adapters, *, with_text: bool, flip: bool) -> str:
     description = {
         "format": CACHE_FORMAT,
         "records": [
-            [_source_identity(r.image), r.caption, _source_identity(r.condition), _source_identity(r.reference), r.condition_preprocessor]
+            [
+                _source_identity(r.image),
+                r.caption,
+                {name: _source_identity(source) for name, source in sorted(r.inputs.items())},
+                dict(sorted(r.preprocessors.items())),
+            ]
             for r in dataset.records
         ],
         "size": dataset.size,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from condkit.adapters.base import ADAPTER_CONFIG_FILE, Adapter
+from condkit.adapters.base import ADAPTER_CONFIG_FILE, Adapter, GenerateInput, SampleInput
 from condkit.adapters.ip_adapter import formats
 from condkit.adapters.ip_adapter.config import IPAdapterConfig
 from condkit.errors import UserError
@@ -74,6 +74,21 @@ class IPAdapter(Adapter):
 
     kind = "ip_adapter"
     config_class = IPAdapterConfig
+    # The reference image of each training sample: from metadata.jsonl, or a folder the
+    # recipe's data.reference names; the image itself when a sample has none.
+    sample_inputs = (
+        SampleInput(
+            name="reference",
+            label="reference image",
+            columns=("reference_file_name", "reference"),
+            folder_key="reference",
+            aligned=False,
+            default_to_image=True,
+        ),
+    )
+    generate_inputs = (
+        GenerateInput(option="--ip-image", key="ip_images", help="reference image for each IP-Adapter, in --adapter order", label="IP-Adapter"),
+    )
 
     def __init__(self, config: IPAdapterConfig, name: str = "default") -> None:
         super().__init__(config, name)
@@ -302,6 +317,18 @@ class IPAdapter(Adapter):
     def pipeline_components(self) -> dict[str, Any]:
         """The image encoder and processor the pipeline encodes ``ip_adapter_image`` with."""
         return {"image_encoder": self.image_encoder, "feature_extractor": self.feature_extractor}
+
+    @classmethod
+    def combine_pipeline_kwargs(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several IP-Adapters' images (or embeddings) side by side in one list, as diffusers takes them."""
+        combined: dict[str, Any] = {}
+        for part in parts:
+            for key, value in part.items():
+                if key in ("ip_adapter_image", "ip_adapter_image_embeds"):
+                    combined.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+                else:
+                    combined[key] = value
+        return combined
 
     def pipeline_call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``ip_adapter_image`` (or precomputed ``ip_adapter_image_embeds``) for the pipeline.

@@ -10,8 +10,52 @@ from condkit.generate import MAX_ADAPTER_SCALE
 
 # Guidance beyond this only saturates images; NaN/inf would give black ones.
 MAX_GUIDANCE = 100.0
-# Which adapter kind consumes each per-adapter image option.
-IMAGE_OPTIONS = {"control_image": ("--control-image", "controlnet", "ControlNet"), "ip_image": ("--ip-image", "ip_adapter", "IP-Adapter")}
+
+
+class KindInputsParser(argparse.ArgumentParser):
+    """The ``generate`` parser: the adapter kinds' input options join it on first use.
+
+    Listing them imports every kind (seconds of torch/diffusers imports), which every
+    ``condkit`` start would pay if they were added when the command line is built.
+    """
+
+    def _add_kind_inputs(self) -> None:
+        if not getattr(self, "_kind_inputs_added", False):
+            self._kind_inputs_added = True
+            add_kind_input_options(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Add the kinds' options, then parse as argparse does."""
+        self._add_kind_inputs()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        """Add the kinds' options, then format the help as argparse does."""
+        self._add_kind_inputs()
+        return super().format_help()
+
+
+def kind_inputs() -> list[tuple[str, object]]:
+    """``(kind, GenerateInput)`` for every ``condkit generate`` input the registered kinds declare."""
+    from condkit.adapters.registry import loadable_adapter_classes
+
+    return [(kind_class.kind, declared) for kind_class in loadable_adapter_classes() for declared in kind_class.generate_inputs]
+
+
+def option_dest(option: str) -> str:
+    """The argparse attribute of an option: ``--control-image`` -> ``control_image``."""
+    return option.lstrip("-").replace("-", "_")
+
+
+def add_kind_input_options(parser: argparse.ArgumentParser) -> None:
+    """Add each kind's declared inputs as repeatable options (in their own help section).
+
+    Args:
+        parser: the ``generate`` parser.
+    """
+    group = parser.add_argument_group("adapter inputs", "files the attached adapter kinds take")
+    for _, declared in kind_inputs():
+        group.add_argument(declared.option, action="append", default=[], metavar=declared.metavar, help=declared.help)
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +64,7 @@ def add_parser(subparsers) -> None:
         "generate",
         help="generate images with a base and any adapters",
         description="Generate PNG images from a base model with any number of adapters attached "
-        "(LoRA files/folders, ControlNet folders, IP-Adapter folders; the kind is detected).",
+        "(files or folders of any kind condkit reads; the kind is detected).",
         epilog="example: condkit generate --adapter runs/my-lora --prompt 'a sks circle on a white background' --num 4 --output samples",
     )
     parser.add_argument("--base", default="embedded", help="'embedded' (default), a diffusers folder, or a .safetensors/.ckpt file")
@@ -32,8 +76,6 @@ def add_parser(subparsers) -> None:
         metavar="PATH[:SCALE]",
         help=f"adapter file or folder, optional strength after a colon, from -{MAX_ADAPTER_SCALE:g} to {MAX_ADAPTER_SCALE:g} (repeatable)",
     )
-    parser.add_argument("--control-image", action="append", default=[], metavar="IMAGE", help="condition map for each ControlNet, in --adapter order")
-    parser.add_argument("--ip-image", action="append", default=[], metavar="IMAGE", help="reference image for each IP-Adapter, in --adapter order")
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt")
     parser.add_argument("--num", type=int, default=1, help="images to generate (seeds seed, seed+1, ...)")
@@ -43,6 +85,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--fuse", action="store_true", help="fuse LoRA weights into the base before sampling (faster)")
     parser.add_argument("--output", type=Path, required=True, help="folder for the PNG files")
     parser.set_defaults(run=run)
+    parser.__class__ = KindInputsParser  # subparsers build plain parsers; this one adds the kinds' options lazily
 
 
 def split_scale(spec: str) -> tuple[str, float | None]:
@@ -61,24 +104,27 @@ def split_scale(spec: str) -> tuple[str, float | None]:
 
 
 def check_image_options(args: argparse.Namespace, kinds: list[str]) -> None:
-    """Refuse ``--control-image``/``--ip-image`` that no attached adapter would use.
+    """Refuse kind inputs (e.g. an image option) that no attached adapter would use.
 
     Args:
         args: the parsed arguments.
         kinds: the kinds of the attached adapters, in ``--adapter`` order.
 
     Raises:
-        UserError: images given for a kind with no adapter, or more control images
-            than ControlNets (each ControlNet takes one).
+        UserError: values given for a kind with no adapter, or more values than adapters
+            of a kind whose adapters take one each.
     """
     from condkit.errors import UserError
 
-    for attribute, (option, kind, label) in IMAGE_OPTIONS.items():
-        given, adapters = len(getattr(args, attribute)), kinds.count(kind)
+    for kind, declared in kind_inputs():
+        given, adapters = len(getattr(args, option_dest(declared.option), [])), kinds.count(kind)
+        label = declared.label
         if given and not adapters:
-            raise UserError(f"{option} given ({given}) but no {label} among the --adapter files; it would be ignored")
-        if kind == "controlnet" and given > adapters:
-            raise UserError(f"{option} given {given} times for {adapters} ControlNet(s); pass one per ControlNet, in --adapter order")
+            raise UserError(f"{declared.option} given ({given}) but no {label} among the --adapter files; it would be ignored")
+        if declared.one_per_adapter and given > adapters:
+            raise UserError(
+                f"{declared.option} given {given} times for {adapters} {label}(s); pass one per {label}, in --adapter order"
+            )
 
 
 def finite_image(pixels, path: Path, seed: int):
@@ -136,9 +182,10 @@ def run(args: argparse.Namespace) -> int:
     check_image_options(args, [adapter.kind for adapter in adapters])
     from PIL import Image
 
+    # Every declared input is an image file, read through condkit's one image loader.
     inputs = {
-        "control_images": [Image.fromarray(load_rgb(p)) for p in args.control_image],
-        "ip_images": [Image.fromarray(load_rgb(p)) for p in args.ip_image],
+        declared.key: [Image.fromarray(load_rgb(p)) for p in getattr(args, option_dest(declared.option), [])]
+        for _, declared in kind_inputs()
     }
     pipe, call_kwargs = build_pipeline(base, adapters, inputs)
     written = []
