@@ -103,8 +103,8 @@ class BaseModel:
         """A ``StableDiffusionPipeline`` sharing this base's modules.
 
         Args:
-            components: replacements or additions (e.g. ``controlnet=...`` gives a
-                ``StableDiffusionControlNetPipeline``).
+            components: replacements or additions; an adapter kind's own component
+                (its ``pipeline_component``) selects the pipeline class the kind needs.
         """
         parts = dict(
             unet=self.unet,
@@ -118,10 +118,28 @@ class BaseModel:
             requires_safety_checker=False,
         )
         parts.update(components)
-        cls = self.family.pipeline_class("controlnet" if parts.get("controlnet") is not None else "text2image")
+        cls = self.family.pipeline_class(pipeline_purpose(parts))
         pipe = cls(**parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def pipeline_purpose(components: dict[str, Any]) -> str:
+    """The pipeline purpose ``components`` need, which the model family maps to a class.
+
+    A kind that adds its own model to the pipeline declares the component's name and the
+    purpose (:attr:`condkit.adapters.base.Adapter.pipeline_component` and
+    ``pipeline_purpose``); without such a component the purpose is ``text2image``.
+
+    Args:
+        components: the pipeline's components by name.
+    """
+    from condkit.adapters.registry import loadable_adapter_classes
+
+    for kind_class in loadable_adapter_classes():
+        if kind_class.pipeline_purpose and components.get(kind_class.pipeline_component) is not None:
+            return kind_class.pipeline_purpose
+    return "text2image"
 
 
 def load_base(spec: str | os.PathLike = EMBEDDED, config: str | os.PathLike | None = None) -> BaseModel:

@@ -30,6 +30,7 @@ GENERIC_MODULES = (
     "condkit.train.loop",
     "condkit.train.data",
     "condkit.train.cache",
+    "condkit.base",
     "condkit.generate",
     "condkit.cli.generate",
 )

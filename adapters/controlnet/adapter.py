@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 PER_CONTROLNET_KEYS = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 
 
-
 def to_condition_image(condition: Any) -> Image.Image:
     """A condition map given as a path, PIL image or (H, W, 3) uint8 array, as RGB PIL.
 
