@@ -17,29 +17,175 @@ frozen), and their U-Net keyword arguments are merged by :func:`merge_unet_kwarg
 from __future__ import annotations
 
 import dataclasses
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from condkit.errors import UserError
+
 if TYPE_CHECKING:
     from condkit.base import BaseModel
+    from condkit.families import Conditioning
 
 ADAPTER_CONFIG_FILE = "condkit_adapter.json"
+# Version of the condkit_adapter.json layout this condkit writes and the newest it reads
+# (files written before the key existed count as version 1).
+DESCRIPTION_FORMAT_VERSION = 1
+# The keys condkit writes into condkit_adapter.json, with the JSON types each may hold.
+DESCRIPTION_KEYS: dict[str, tuple[type, ...]] = {
+    "format_version": (int,),
+    "kind": (str,),
+    "config": (dict,),
+    "base": (dict, type(None)),
+    "format": (str,),
+    "weights": (str,),
+}
+
+
+class AdapterStateError(UserError):
+    """An adapter used in the wrong state: attached twice, used before attach, ... (every kind)."""
+
+
+def config_field(default: Any, help: str, *, range: tuple[float, float] | None = None, choices: tuple[str, ...] | None = None):
+    """A config dataclass field carrying its help text and allowed range/choices.
+
+    Adapter configs and the recipe's sections declare every key this way; the one recipe
+    validator (:func:`condkit.train.config.build_dataclass`) checks types, ranges and
+    choices from it, and ``condkit train --keys`` prints it.
+
+    Args:
+        default: the default value (a list or dict default is copied per instance).
+        help: one line saying what the key does.
+        range: inclusive ``(low, high)`` bounds for a number.
+        choices: the allowed values for text.
+    """
+    meta = {"help": help, "range": range, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def config_key_rows(config_class: type, prefix: str) -> list[tuple[str, str, str, str]]:
+    """``(key, default, allowed, help)`` for every field of a config dataclass, for ``--keys`` and docs.
+
+    Args:
+        config_class: an adapter config or recipe-section dataclass.
+        prefix: the dotted section name (``adapter``, ``train``, ...).
+    """
+    rows = []
+    for field in dataclasses.fields(config_class):
+        if not field.init:
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        allowed = ""
+        if field.metadata.get("range"):
+            low, high = field.metadata["range"]
+            allowed = f">= {low}" if high == float("inf") else f"{low}..{high}"
+        elif field.metadata.get("choices"):
+            allowed = " / ".join(field.metadata["choices"])
+        rows.append((f"{prefix}.{field.name}", json.dumps(default, default=str), allowed, field.metadata.get("help", "")))
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     """Base of every kind's typed config; subclasses add their own fields with defaults.
 
-    Subclasses validate values in ``__post_init__`` and raise
-    :class:`condkit.errors.UserError` naming the key and the allowed range.
+    Every field is declared with :func:`config_field` (help text, range or choices);
+    subclasses check what the metadata cannot say (types of union fields, relations
+    between keys) in ``__post_init__`` and raise :class:`condkit.errors.UserError`
+    naming the key and the allowed range.
     """
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str, section: str = "config") -> AdapterConfig:
+        """Build a config from plain data (a recipe's ``adapter:`` block or a saved description).
+
+        Args:
+            data: key -> value.
+            source: the file the data comes from, for messages.
+            section: the dotted key prefix, for messages.
+
+        Raises:
+            UserError: an unknown key, a wrong type or a value out of range, naming
+                ``source`` and the key.
+        """
+        from condkit.train.config import build_dataclass
+
+        try:
+            return build_dataclass(cls, data, source, section)
+        except UserError as exc:
+            message = str(exc)
+            raise UserError(message if message.startswith(source) else f"{source}: {message}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (for ``condkit_adapter.json`` and recipes)."""
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleInput:
+    """A per-sample training input a kind needs besides the image and caption.
+
+    The data layer (:mod:`condkit.train.data`) reads every input the registered kinds
+    declare, without knowing any kind: from ``metadata.jsonl`` columns, from a folder
+    beside ``images/`` matched by file stem, from a folder a recipe key names, or made
+    from the image by a preprocessor a recipe key names. Batches carry it under
+    ``name`` as a (b, 3, H, W) float tensor in [0, 1].
+
+    Attributes:
+        name: the key in ``Record.inputs`` and in the batch (e.g. ``condition``).
+        label: what it is, for messages (e.g. ``condition map``).
+        columns: ``metadata.jsonl`` columns naming its file, in order of preference.
+        folder: a folder beside ``images/`` holding one file per image, matched by the
+            image's path below ``images/`` without suffix ('' = none).
+        folder_key: a ``data`` recipe key naming a folder of files matched to the
+            images by file stem; it replaces any other source ('' = none).
+        preprocessor_key: a ``data`` recipe key naming a preprocessor that makes the
+            input from the (cropped) image when a sample has none ('' = none).
+        aligned: a map of the image: it must have the image's size and takes the
+            image's crop; otherwise it is center-cropped on its own. Both follow the
+            image's flip.
+        default_to_image: a sample without it gets the training image itself.
+    """
+
+    name: str
+    label: str
+    columns: tuple[str, ...] = ()
+    folder: str = ""
+    folder_key: str = ""
+    preprocessor_key: str = ""
+    aligned: bool = True
+    default_to_image: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateInput:
+    """A per-adapter input of ``condkit generate``: a repeatable option the kind consumes.
+
+    The CLI adds the option from this declaration, refuses it when no adapter of the
+    kind is given, loads its files through condkit's image loader, and passes them to
+    :meth:`Adapter.pipeline_call_kwargs` as ``inputs[key]`` (a list, in option order).
+
+    Attributes:
+        option: the command-line option, e.g. ``--control-image``.
+        key: the key in the generate inputs, e.g. ``control_images``.
+        help: the option's help text.
+        label: the kind's name for people, for messages (e.g. ``ControlNet``).
+        one_per_adapter: each adapter of the kind takes one value, so more values than
+            adapters is an error.
+        metavar: the value's placeholder in ``--help``.
+    """
+
+    option: str
+    key: str
+    help: str
+    label: str
+    one_per_adapter: bool = False
+    metavar: str = "IMAGE"
 
 
 class Adapter(ABC):
@@ -53,11 +199,32 @@ class Adapter(ABC):
 
     kind: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]]
+    # Per-sample training inputs this kind reads (see SampleInput); the data layer reads
+    # those of every registered kind, so frozen adapters get theirs too.
+    sample_inputs: ClassVar[tuple[SampleInput, ...]] = ()
+    # Options of `condkit generate` this kind consumes (see GenerateInput).
+    generate_inputs: ClassVar[tuple[GenerateInput, ...]] = ()
+    # The pipeline component this kind adds (a key of pipeline_components()) and the
+    # pipeline purpose a pipeline with it needs, which the base's model family maps to a
+    # diffusers class (e.g. "controlnet"); '' = the base's text-to-image pipeline.
+    pipeline_component: ClassVar[str] = ""
+    pipeline_purpose: ClassVar[str] = ""
 
     def __init__(self, config: AdapterConfig, name: str = "default") -> None:
         self.config = config
         self.name = name
         self.base: BaseModel | None = None
+
+    # ---- state checks (one error type for misuse, in every kind) -------------------
+    def check_unattached(self) -> None:
+        """Raise :class:`AdapterStateError` when this adapter is already attached to a base."""
+        if self.base is not None:
+            raise AdapterStateError(f"{self.kind} adapter {self.name!r} is already attached; detach it first")
+
+    def check_attached(self) -> None:
+        """Raise :class:`AdapterStateError` when this adapter is not attached to a base."""
+        if self.base is None:
+            raise AdapterStateError(f"{self.kind} adapter {self.name!r} is not attached to a base; attach it first")
 
     # ---- attach and detach -------------------------------------------------------
     @abstractmethod
@@ -110,28 +277,61 @@ class Adapter(ABC):
 
     def drop_conditions(
         self,
-        text_embeds: torch.Tensor,
+        conditioning: Conditioning,
         extras: dict[str, torch.Tensor],
-        empty_text_embeds: torch.Tensor,
+        empty_conditioning: Conditioning,
         caption_dropout: float,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[Conditioning, dict[str, torch.Tensor]]:
         """Drop conditions for classifier-free guidance training.
 
-        Default: replace each sample's text embedding with the empty prompt's with
+        Default: replace each sample's prompt conditioning with the empty prompt's with
         probability ``caption_dropout``. Kinds with their own conditions (IP-Adapter's
         image) override it to drop jointly.
 
         Args:
-            text_embeds: (b, 77, d) text embeddings.
+            conditioning: the batch's prompt conditioning (the model family's: hidden
+                states and any extra U-Net arguments such as pooled embeddings).
             extras: what :meth:`encode_extras` returned for the batch.
-            empty_text_embeds: (1, 77, d) embedding of the empty prompt.
+            empty_conditioning: the empty prompt's conditioning (batch 1).
             caption_dropout: probability of dropping a caption, from the recipe.
             generator: the loop's CPU generator (reproducible draws).
         """
-        drop = torch.rand(text_embeds.shape[0], generator=generator) < caption_dropout  # (b,)
-        drop = drop.to(text_embeds.device)[:, None, None]
-        return torch.where(drop, empty_text_embeds.to(text_embeds.dtype), text_embeds), extras
+        drop = torch.rand(conditioning.batch_size, generator=generator) < caption_dropout  # (b,)
+        return conditioning.where(drop, empty_conditioning), extras
+
+    def sample_timesteps(self, batch_size: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+        """The diffusion timesteps of a training batch. Default: uniform (DDPM).
+
+        Kinds that learn mostly from high noise override it, e.g. with
+        :func:`condkit.train.diffusion.cubic_timesteps` (T2I-Adapter).
+
+        Args:
+            batch_size: b.
+            num_train_timesteps: T of the base's noise schedule.
+            generator: the loop's CPU generator (draw only from it: resume repeats it).
+
+        Returns:
+            (b,) int64 timesteps in ``[0, T)``, on the CPU.
+        """
+        from condkit.train.diffusion import uniform_timesteps
+
+        return uniform_timesteps(batch_size, num_train_timesteps, generator)
+
+    def loss_weights(self, timesteps: torch.Tensor, noise_scheduler: Any, snr_gamma: float) -> torch.Tensor | None:
+        """Per-sample weights of the diffusion loss. Default: min-SNR-gamma, none when 0.
+
+        Args:
+            timesteps: (b,) the batch's timesteps (from :meth:`sample_timesteps`).
+            noise_scheduler: the DDPM scheduler the noise was added with.
+            snr_gamma: the recipe's ``train.snr_gamma``.
+
+        Returns:
+            (b,) weights, or None for an unweighted mean.
+        """
+        from condkit.train.diffusion import min_snr_weights
+
+        return min_snr_weights(timesteps, noise_scheduler, snr_gamma)
 
     def unet_kwargs(
         self,
@@ -175,6 +375,30 @@ class Adapter(ABC):
         """Pipeline call arguments this kind adds, from the user's generate inputs."""
         return {}
 
+    @classmethod
+    def combine_pipeline_components(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One set of pipeline components from those of several adapters of this kind.
+
+        Default: merged, a later adapter's component replacing an earlier one's. Kinds
+        whose components stack override it (several ControlNets become one
+        ``MultiControlNetModel``).
+
+        Args:
+            parts: :meth:`pipeline_components` of each adapter of this kind, in order.
+        """
+        return {key: value for part in parts for key, value in part.items()}
+
+    @classmethod
+    def combine_pipeline_kwargs(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One set of pipeline call arguments from those of several adapters of this kind.
+
+        Default: merged, a later adapter's value replacing an earlier one's.
+
+        Args:
+            parts: :meth:`pipeline_call_kwargs` of each adapter of this kind, in order.
+        """
+        return {key: value for part in parts for key, value in part.items()}
+
     # ---- persistence -------------------------------------------------------------
     @abstractmethod
     def save(self, out_dir: str | Path) -> list[Path]:
@@ -192,6 +416,29 @@ class Adapter(ABC):
         (unmatched keys, shape mismatch naming the module and both shapes, ...).
         """
 
+    def save_description(self, folder: str | Path, format: str | None = None, weights: str | None = None) -> Path:
+        """Write ``folder/condkit_adapter.json`` for this adapter (every kind's :meth:`save` calls this).
+
+        Args:
+            folder: where the weights are.
+            format: the export format's name, when the kind records one.
+            weights: the weight file relative to ``folder``, when the kind records one.
+        """
+        fingerprint = self.base.fingerprint() if self.base is not None else None
+        return write_adapter_description(folder, self.kind, self.config, fingerprint, format=format, weights=weights)
+
+    @classmethod
+    def saved_config(cls, described: str | Path) -> AdapterConfig | None:
+        """The config recorded in a ``condkit_adapter.json`` of this kind (checked whole).
+
+        Args:
+            described: the ``condkit_adapter.json`` path.
+
+        Returns:
+            The config, or None when the file is absent or describes another kind.
+        """
+        return read_adapter_config(described, cls.kind, cls.config_class)
+
     @classmethod
     def can_load(cls, path: str | Path) -> bool:
         """Whether ``path`` looks like a file or folder of this kind (for ``inspect``/``generate``)."""
@@ -201,6 +448,121 @@ class Adapter(ABC):
     def describe(cls, path: str | Path) -> dict[str, Any]:
         """What a file of this kind is: format, rank/targets, which base it fits."""
         return {"kind": cls.kind}
+
+
+def read_adapter_description(path: str | Path) -> dict[str, Any]:
+    """Read and check a ``condkit_adapter.json``.
+
+    Args:
+        path: the ``condkit_adapter.json`` file.
+
+    Returns:
+        The description: ``kind`` (required), and optionally ``config`` (an object),
+        ``base`` (the fingerprint object, or null), ``format`` and ``weights``.
+
+    Raises:
+        UserError: not UTF-8 JSON, not an object, a missing ``kind``, an unknown key or a
+            key of the wrong type (naming the file and the key).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: not a valid condkit adapter description (not UTF-8 JSON: {type(exc).__name__})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a valid condkit adapter description (a JSON {type(data).__name__}, needs an object with 'kind')")
+    unknown = sorted(set(data) - set(DESCRIPTION_KEYS))
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r} (valid keys: {', '.join(DESCRIPTION_KEYS)})")
+    if "kind" not in data:
+        raise UserError(f"{path}: not a valid condkit adapter description (needs a 'kind' key)")
+    for key, value in data.items():
+        if not isinstance(value, DESCRIPTION_KEYS[key]) or isinstance(value, bool):
+            allowed = " or ".join("null" if t is type(None) else {dict: "an object", str: "a string", int: "a whole number"}[t] for t in DESCRIPTION_KEYS[key])
+            raise UserError(f"{path}: key {key!r} is {json.dumps(value)[:60]}, must be {allowed}")
+    version = data.get("format_version", 1)
+    if version > DESCRIPTION_FORMAT_VERSION:
+        raise UserError(
+            f"{path}: format_version {version} is newer than this condkit reads ({DESCRIPTION_FORMAT_VERSION}); upgrade condkit"
+        )
+    if version < 1:
+        raise UserError(f"{path}: format_version {version} is not a valid version (1..{DESCRIPTION_FORMAT_VERSION})")
+    return data
+
+
+def write_adapter_description(
+    folder: str | Path,
+    kind: str,
+    config: AdapterConfig,
+    base: dict[str, Any] | None,
+    format: str | None = None,
+    weights: str | None = None,
+) -> Path:
+    """Write ``folder/condkit_adapter.json`` atomically: the one writer for every kind.
+
+    Args:
+        folder: the adapter's folder (next to its weights).
+        kind: the kind name.
+        config: the kind's config.
+        base: the fingerprint of the base it was made on (None if unknown).
+        format: the export format's name (optional).
+        weights: the weight file relative to ``folder`` (optional).
+
+    Returns:
+        The file written.
+    """
+    from condkit.io import write_json_atomic
+
+    description: dict[str, Any] = {"format_version": DESCRIPTION_FORMAT_VERSION, "kind": kind, "config": config.to_dict(), "base": base}
+    description.update({key: value for key, value in (("format", format), ("weights", weights)) if value is not None})
+    path = Path(folder) / ADAPTER_CONFIG_FILE
+    write_json_atomic(path, description)
+    return path
+
+
+def read_adapter_config(described: str | Path, kind: str, config_class: type[AdapterConfig]) -> AdapterConfig | None:
+    """The config in a ``condkit_adapter.json``, when it describes ``kind``: the one reader for every kind.
+
+    Args:
+        described: the ``condkit_adapter.json`` path.
+        kind: the kind reading it.
+        config_class: that kind's config dataclass.
+
+    Returns:
+        The config, or None when there is no such file or it describes another kind.
+
+    Raises:
+        UserError: a broken description, an unknown key, a newer format version or a
+            bad config value, naming the file and the key.
+    """
+    described = Path(described)
+    if not described.is_file():
+        return None
+    description = read_adapter_description(described)
+    if description["kind"] != kind:
+        return None
+    config = description.get("config") or {}
+    check_config_keys(config, config_class, str(described))
+    return config_class.from_dict(config, str(described))
+
+
+def check_config_keys(config: dict[str, Any], config_class: type[AdapterConfig], source: str) -> None:
+    """Refuse keys a kind's config does not have (a typo or another version's file).
+
+    Args:
+        config: the saved config.
+        config_class: the kind's config dataclass.
+        source: the file, for the message.
+
+    Raises:
+        UserError: naming the first unknown key and the valid ones.
+    """
+    fields = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise UserError(f"{source}: unknown config key {unknown[0]!r} (valid keys: {', '.join(fields)})")
 
 
 def merge_unet_kwargs(parts: list[dict[str, Any]]) -> dict[str, Any]:

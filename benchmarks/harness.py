@@ -117,16 +117,16 @@ def machine_description() -> dict[str, str]:
 
 
 class StepClock:
-    """A stand-in for the training loop's progress bar that times each loop step.
+    """A training-loop callback (:class:`condkit.train.loop.TrainCallback`) that times each step.
 
-    The loop calls ``update(1)`` once per optimizer step; the time between two calls is
-    one condkit step. Inside ``update`` the other contenders run one step each (so the
-    order is condkit, reference, floor, condkit, ...), and their time is excluded from
-    the next condkit interval.
+    The loop calls ``on_step_end`` once per optimizer step; the time between two calls
+    is one condkit step. Inside it the other contenders run one step each (so the order
+    is condkit, reference, floor, condkit, ...), and their time is excluded from the next
+    condkit interval.
 
     Args:
         make_others: builds the other contenders (name -> callable doing one step) from
-            the loop's base, on the first update, after the loop's setup; or None.
+            the loop's base, on the first step, after the loop's setup; or None.
         probe: the :class:`LoopProbe` holding the base and the setup/step hooks.
     """
 
@@ -135,14 +135,16 @@ class StepClock:
         self.probe = probe
         self.others: dict[str, Callable[[], Any]] | None = None
         self.times: dict[str, list[float]] = {"condkit": []}
-        self.on_setup_done()
+        self.resume_at = time.perf_counter()
 
-    def on_setup_done(self) -> None:
-        """Called when the loop creates its progress bar: setup is over, steps begin."""
+    def on_setup_end(self, state: Any) -> None:
+        """Setup is over (the base is loaded, adapters attached, data cached): steps begin."""
+        self.probe.base = state.base
         self.probe.setup_done()
         self.resume_at = time.perf_counter()
 
-    def update(self, n: int = 1) -> None:
+    def on_step_end(self, state: Any) -> None:
+        """One condkit step ended: record it, then run the other contenders' steps."""
         synchronize()
         self.times["condkit"].append(time.perf_counter() - self.resume_at)
         self.probe.step_done(len(self.times["condkit"]))
@@ -157,24 +159,17 @@ class StepClock:
                 self.times[name].append(time.perf_counter() - start)
         self.resume_at = time.perf_counter()
 
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
 
 class LoopProbe:
     """Runs :func:`condkit.train.loop.train` and times its real steps.
 
-    Patches two things for the duration of the run, both outside the step body: the
-    loop's progress-bar factory (replaced by a :class:`StepClock`, the per-step
-    callback) and ``condkit.base.load_base`` (to capture the base the loop trains on,
-    or to hand it a prebuilt one, e.g. the random-weight SD 1.5 model).
+    Uses the loop's public interface only: a :class:`StepClock` callback times the
+    steps and captures the base the loop trains on; a prebuilt base (e.g. the
+    random-weight SD 1.5 model) is handed to ``train(base=...)``.
 
     Args:
         make_others: optional; builds the other contenders' step callables from the base.
-        prebuilt_base: optional base returned instead of loading ``recipe.base``.
+        prebuilt_base: optional base used instead of loading ``recipe.base``.
     """
 
     def __init__(self, make_others=None, prebuilt_base=None) -> None:
@@ -191,23 +186,10 @@ class LoopProbe:
 
     def run(self, recipe, output_dir) -> dict[str, list[float]]:
         """Train ``recipe`` into ``output_dir``; return per-step times of every contender."""
-        from unittest import mock
+        from condkit.train.loop import train
 
-        import condkit.base
-        from condkit.train import loop
-
-        real_load_base = condkit.base.load_base
-
-        def load_base(*args, **kwargs):
-            self.base = self.prebuilt_base if self.prebuilt_base is not None else real_load_base(*args, **kwargs)
-            return self.base
-
-        def progress_bar(total, initial, enabled):
-            self.clock = StepClock(self.make_others, self)
-            return self.clock
-
-        with mock.patch.object(condkit.base, "load_base", load_base), mock.patch.object(loop, "_progress_bar", progress_bar):
-            loop.train(recipe, output_dir, overwrite=True, show_progress=False)
+        self.clock = StepClock(self.make_others, self)
+        train(recipe, output_dir, overwrite=True, show_progress=False, callbacks=[self.clock], base=self.prebuilt_base)
         return self.clock.times
 
 

@@ -6,3 +6,5 @@ and their registry), :mod:`condkit.preprocessors` (condition maps),
 """
 
 __version__ = "0.1.0"
+
+from condkit.attach import Attachment, attach  # noqa: E402  (condkit.attach(pipe, "x.safetensors", scale=0.8))

@@ -22,6 +22,7 @@ from condkit.io import atomic_folder
 
 EMBEDDED = "embedded"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pth", ".pt")
 
 
 @dataclasses.dataclass
@@ -53,6 +54,14 @@ class BaseModel:
     def resolution(self) -> int:
         """The base's native image size in pixels (512 for SD 1.5, 64 for embedded)."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def family(self):
+        """The base's model family (:class:`condkit.families.ModelFamily`): how prompts
+        condition its U-Net, its pipeline classes and kohya key prefixes."""
+        from condkit.families import family_of
+
+        return family_of(self)
 
     @property
     def prediction_type(self) -> str:
@@ -94,11 +103,9 @@ class BaseModel:
         """A ``StableDiffusionPipeline`` sharing this base's modules.
 
         Args:
-            components: replacements or additions (e.g. ``controlnet=...`` gives a
-                ``StableDiffusionControlNetPipeline``).
+            components: replacements or additions; an adapter kind's own component
+                (its ``pipeline_component``) selects the pipeline class the kind needs.
         """
-        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
-
         parts = dict(
             unet=self.unet,
             vae=self.vae,
@@ -111,10 +118,28 @@ class BaseModel:
             requires_safety_checker=False,
         )
         parts.update(components)
-        cls = StableDiffusionControlNetPipeline if parts.get("controlnet") is not None else StableDiffusionPipeline
+        cls = self.family.pipeline_class(pipeline_purpose(parts))
         pipe = cls(**parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def pipeline_purpose(components: dict[str, Any]) -> str:
+    """The pipeline purpose ``components`` need, which the model family maps to a class.
+
+    A kind that adds its own model to the pipeline declares the component's name and the
+    purpose (:attr:`condkit.adapters.base.Adapter.pipeline_component` and
+    ``pipeline_purpose``); without such a component the purpose is ``text2image``.
+
+    Args:
+        components: the pipeline's components by name.
+    """
+    from condkit.adapters.registry import loadable_adapter_classes
+
+    for kind_class in loadable_adapter_classes():
+        if kind_class.pipeline_purpose and components.get(kind_class.pipeline_component) is not None:
+            return kind_class.pipeline_purpose
+    return "text2image"
 
 
 def load_base(spec: str | os.PathLike = EMBEDDED, config: str | os.PathLike | None = None) -> BaseModel:
@@ -148,13 +173,65 @@ def load_base(spec: str | os.PathLike = EMBEDDED, config: str | os.PathLike | No
 def _load_folder(path: Path, source: str) -> BaseModel:
     from diffusers import StableDiffusionPipeline
 
+    check_model_folder(path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             path, safety_checker=None, requires_safety_checker=False, local_files_only=True
         )
-    except (OSError, ValueError) as exc:
+    except load_errors() as exc:
         raise UserError(f"{path}: cannot load as a Stable Diffusion folder ({_first_line(exc)})") from None
     return _from_pipeline(pipe, source, path)
+
+
+def check_model_folder(folder: Path) -> None:
+    """Check the weight files of a diffusers/transformers folder before a loader reads them.
+
+    Covers the folder itself (one model, e.g. ``image_encoder/``) and its direct
+    subfolders (the components of a pipeline folder). Where a folder holds safetensors,
+    only those are checked (loaders prefer them); otherwise its pickles are, weights-only
+    and without reading tensor data. So a truncated file or a pickle holding code is one
+    line naming the file, not the loader's traceback.
+
+    Args:
+        folder: a model or pipeline folder.
+
+    Raises:
+        UserError: naming the first weight file that cannot be read and why.
+    """
+    from condkit.io import check_weight_file
+
+    for sub in [folder, *sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix in WEIGHT_FILE_SUFFIXES)
+        safetensors_files = [p for p in files if p.suffix == ".safetensors"]
+        for file in safetensors_files or files:
+            check_weight_file(file)
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """The exception types diffusers/transformers loaders raise for unreadable model files."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+
+
+def load_clip_image_encoder(folder: Path):
+    """A ``CLIPVisionModelWithProjection`` from a local folder, damaged files as one line.
+
+    Args:
+        folder: a transformers CLIP vision folder (``config.json`` + weights).
+
+    Raises:
+        UserError: naming the folder or its unreadable weight file.
+    """
+    from transformers import CLIPVisionModelWithProjection
+
+    check_model_folder(folder)
+    try:
+        return CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
+    except load_errors() as exc:
+        raise UserError(f"{folder}: cannot load as a CLIP image encoder ({_first_line(exc)})") from None
 
 
 def _load_single_file(path: Path, config: str | os.PathLike | None) -> BaseModel:
@@ -201,9 +278,7 @@ def _from_pipeline(pipe, source: str, folder: Path) -> BaseModel:
     image_encoder = getattr(pipe, "image_encoder", None)
     feature_extractor = getattr(pipe, "feature_extractor", None)
     if image_encoder is None and (folder / "image_encoder" / "config.json").is_file():
-        from transformers import CLIPVisionModelWithProjection
-
-        image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", local_files_only=True)
+        image_encoder = load_clip_image_encoder(folder / "image_encoder")
     base = BaseModel(
         source=source,
         unet=pipe.unet,

@@ -2,57 +2,65 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-# Pipeline arguments that take one value per ControlNet (or per IP-Adapter) when several
-# are attached; a single adapter passes its value unwrapped, as diffusers expects.
-PER_ADAPTER_KEYS = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
-CONCATENATED_KEYS = ("ip_adapter_image", "ip_adapter_image_embeds")
+from condkit.errors import UserError
+
+# Adapter strengths (``--adapter PATH:SCALE``) outside this range are refused: the largest
+# strength any kind is used with is a few units, and beyond that the output overflows.
+MAX_ADAPTER_SCALE = 10.0
+
+
+def check_scale(scale: float, source: str) -> float:
+    """Check an adapter strength: finite and within +-:data:`MAX_ADAPTER_SCALE`.
+
+    Args:
+        scale: the strength (0 = the base's own output, 1 = as trained).
+        source: what gave it (e.g. the ``--adapter`` value), for the message.
+
+    Raises:
+        UserError: NaN, infinite or out of range.
+    """
+    if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
+        raise UserError(
+            f"{source}: adapter scale {scale!r} must be a finite number from -{MAX_ADAPTER_SCALE:g} to {MAX_ADAPTER_SCALE:g}"
+        )
+    return float(scale)
 
 
 def build_pipeline(base, adapters: list, inputs: dict[str, Any]):
     """Build a diffusers pipeline for ``base`` with ``adapters`` attached, and its call arguments.
 
-    LoRA and IP-Adapter live on the U-Net already; ControlNets become the pipeline's
-    ``controlnet`` (a ``MultiControlNetModel`` when several are attached).
+    Each kind says what it adds (:meth:`~condkit.adapters.base.Adapter.pipeline_components`,
+    :meth:`~condkit.adapters.base.Adapter.pipeline_call_kwargs`) and how those of several
+    adapters of the kind combine (``combine_pipeline_components``/``combine_pipeline_kwargs``);
+    kinds are combined here in order of first appearance, a later kind's value replacing
+    an earlier one's. The pipeline class follows from the components (see
+    :meth:`condkit.base.BaseModel.pipeline`).
 
     Args:
         base: a :class:`condkit.base.BaseModel` the adapters are attached to.
         adapters: the attached adapters.
-        inputs: user inputs each adapter may use (``control_images``, ``ip_images``: lists,
-            one entry per adapter of that kind in order); each adapter also gets ``index``,
-            its position among attached adapters of its kind.
+        inputs: user inputs each adapter may use (e.g. the lists a kind's
+            :class:`~condkit.adapters.base.GenerateInput` declares, one entry per adapter
+            of that kind in order); each adapter also gets ``index``, its position among
+            attached adapters of its kind.
 
     Returns:
         ``(pipeline, call_kwargs)``.
     """
-    components: dict[str, Any] = {}
-    controlnets: list = []
-    per_adapter: dict[str, list] = {}
-    call_kwargs: dict[str, Any] = {}
-    seen_per_kind: dict[str, int] = {}
+    by_kind: dict[type, list] = {}
     for adapter in adapters:
+        by_kind.setdefault(type(adapter), []).append(adapter)
+    components: dict[str, Any] = {}
+    call_kwargs: dict[str, Any] = {}
+    for kind_class, members in by_kind.items():
         # Each adapter gets the inputs plus its index among adapters of its kind, so the
-        # second ControlNet takes the second control image.
-        index = seen_per_kind.get(adapter.kind, 0)
-        seen_per_kind[adapter.kind] = index + 1
-        parts = dict(adapter.pipeline_components())
-        if "controlnet" in parts:
-            controlnets.append(parts.pop("controlnet"))
-        components.update(parts)
-        for key, value in adapter.pipeline_call_kwargs({**inputs, "index": index}).items():
-            if key in PER_ADAPTER_KEYS:
-                per_adapter.setdefault(key, []).append(value)
-            elif key in CONCATENATED_KEYS:
-                call_kwargs.setdefault(key, []).extend(value if isinstance(value, list) else [value])
-            elif key == "guess_mode":  # one flag for the pipeline: on if any ControlNet asks for it
-                call_kwargs[key] = bool(call_kwargs.get(key)) or bool(value)
-            else:
-                call_kwargs[key] = value
-    if controlnets:
-        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-
-        components["controlnet"] = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
-    for key, values in per_adapter.items():
-        call_kwargs[key] = values[0] if len(controlnets) <= 1 else values
+        # second adapter of a kind takes the second value of a per-adapter input.
+        parts = [adapter.pipeline_components() for adapter in members]
+        if any(parts):
+            components.update(kind_class.combine_pipeline_components(parts))
+        kwargs = [adapter.pipeline_call_kwargs({**inputs, "index": index}) for index, adapter in enumerate(members)]
+        call_kwargs.update(kind_class.combine_pipeline_kwargs(kwargs))
     return base.pipeline(**components), call_kwargs

@@ -2,14 +2,19 @@
 
 Every image under SRC becomes a PNG map at the same relative path and stem under DST.
 Work is spread over a process pool (OpenCV releases the GIL only inside each call, and
-decoding/encoding is a large share of the time, so processes beat threads). Maps that
-exist and are newer than their source are skipped; every PNG is written atomically;
-files that cannot be decoded are collected and named, never fatal; SRC is only read.
+decoding/encoding is a large share of the time, so processes beat threads). A manifest
+in DST records what made each map (preprocessor, options, input files' sizes and times,
+the map's own size and time): a map is skipped only when all of these still match.
+Every PNG is written atomically; a file that fails, for any reason, is named and the
+rest go on. SRC is only read: a DST that is SRC or a file, a DST inside SRC that holds
+images condkit did not make, and any map that would land on a source are refused
+before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import time
@@ -20,7 +25,7 @@ import cv2
 import numpy as np
 
 from condkit.errors import UserError
-from condkit.io import atomic_path
+from condkit.io import atomic_path, write_text_atomic
 from condkit.preprocessors.registry import Preprocessor, get_preprocessor
 
 # No PNG row filter: condition maps are mostly flat regions and sharp lines, which
@@ -28,6 +33,9 @@ from condkit.preprocessors.registry import Preprocessor, get_preprocessor
 # encode time and gives bigger files on edge maps (43 vs 27 KiB for a 512 px canny map).
 PNG_PARAMS = (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+# The record of what made each map in DST (hidden, so it is never taken as an input).
+MANIFEST_NAME = ".condkit-preprocess.json"
+MANIFEST_FORMAT = 1
 
 
 @dataclasses.dataclass
@@ -92,10 +100,6 @@ def write_png(final: str | os.PathLike, rgb: np.ndarray, rgb_png: bool = False) 
         tmp.write_bytes(encoded.tobytes())
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def plan(src: Path, dst: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> tuple[list[tuple[Path, Path]], list[Path]]:
     """Pair every image under ``src`` with its map path under ``dst``.
 
@@ -117,8 +121,9 @@ def plan(src: Path, dst: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> tupl
         files = []
         for folder, subdirs, names in os.walk(src):
             here = Path(folder)
-            # Sorted for a stable order; DST inside SRC is not walked into.
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not _inside(here / d, dst))
+            # Sorted for a stable order; DST inside SRC is not walked into (a DST above
+            # SRC is no reason to skip anything).
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and here / d != dst)
             files.extend(here / n for n in sorted(names) if not n.startswith("."))
     images = [f for f in files if f.suffix.lower() in wanted]
     ignored = [f for f in files if f.suffix.lower() not in wanted]
@@ -134,12 +139,138 @@ def plan(src: Path, dst: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> tupl
     return jobs, ignored
 
 
-def is_up_to_date(source: Path, target: Path) -> bool:
-    """True when ``target`` exists and is at least as new as ``source``."""
+def file_stamp(path: Path) -> list[int] | None:
+    """``[mtime_ns, size]`` of a file, or None when it is missing."""
     try:
-        return target.stat().st_mtime_ns >= source.stat().st_mtime_ns
-    except FileNotFoundError:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_mtime_ns, stat.st_size]
+
+
+def input_stamps(preprocessor: Preprocessor, source: Path) -> dict[str, list[int] | None]:
+    """Stamps of every file the map of ``source`` is made from (see ``input_files``)."""
+    return {str(path): file_stamp(path) for path in preprocessor.input_files(source)}
+
+
+def read_manifest(dst: Path) -> dict[str, dict[str, Any]]:
+    """The maps recorded in ``dst``'s manifest: relative map path -> record.
+
+    A missing or unreadable manifest records nothing, so every map is made again.
+
+    Args:
+        dst: the output folder.
+    """
+    try:
+        data = json.loads((dst / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("maps"), dict):
+        return {}
+    return {key: value for key, value in data["maps"].items() if isinstance(value, dict)}
+
+
+def write_manifest(dst: Path, maps: dict[str, dict[str, Any]]) -> None:
+    """Write the manifest atomically, dropping records of maps that no longer exist.
+
+    Args:
+        dst: the output folder.
+        maps: relative map path -> record.
+    """
+    kept = {rel: record for rel, record in sorted(maps.items()) if (dst / rel).is_file()}
+    text = json.dumps({"format": MANIFEST_FORMAT, "maps": kept}, separators=(",", ":")) + "\n"
+    write_text_atomic(dst / MANIFEST_NAME, text)
+
+
+def is_up_to_date(record: dict[str, Any] | None, made_by: dict[str, Any] | None, inputs: dict, target: Path) -> bool:
+    """True when ``target`` is the map its manifest record says, made as asked now.
+
+    Args:
+        record: the manifest record of ``target`` (None: not made by condkit).
+        made_by: preprocessor, options and PNG choice of this run (None: unknown).
+        inputs: the stamps of the files the map is made from, now.
+        target: the map file.
+    """
+    if record is None or made_by is None:
         return False
+    stamp = file_stamp(target)
+    return (
+        stamp is not None
+        and record.get("made_by") == made_by
+        and record.get("inputs") == inputs
+        and record.get("map") == stamp
+    )
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """Refuse an output that is the source, a file, or the folder of a source image.
+
+    Args:
+        src: the resolved source folder or image.
+        dst: the resolved output folder.
+
+    Raises:
+        UserError: one line naming DST and why.
+    """
+    if dst == src:
+        what = "folder" if src.is_dir() else "image"
+        raise UserError(f"{dst}: output folder is the source {what}; choose another so sources stay untouched")
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst}: output must be a folder, but it is a file")
+    if src.is_file() and dst == src.parent:
+        raise UserError(f"{dst}: output folder is the folder of the source image; choose another so sources stay untouched")
+
+
+def check_no_sources_in_dst(src: Path, dst: Path, maps: dict[str, dict[str, Any]], suffixes: Iterable[str]) -> None:
+    """Refuse a DST inside SRC that holds images no preprocess run recorded as its maps.
+
+    Such images are the user's sources (``data/nest/out/a.png`` for SRC ``data/nest``):
+    maps of the same name would overwrite them.
+
+    Args:
+        src: the resolved source folder or image.
+        dst: the resolved output folder.
+        maps: the records of ``dst``'s manifest.
+        suffixes: file suffixes taken as images.
+
+    Raises:
+        UserError: naming DST and one of the images.
+    """
+    if not src.is_dir() or src not in dst.parents or not dst.is_dir():
+        return
+    wanted = {s.lower() for s in suffixes}
+    for folder, subdirs, names in os.walk(dst):
+        here = Path(folder)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(names):
+            rel = (here / name).relative_to(dst).as_posix()
+            if not name.startswith(".") and Path(name).suffix.lower() in wanted and rel not in maps:
+                raise UserError(
+                    f"{dst}: output folder is inside SRC {src} and holds images condkit did not make "
+                    f"(e.g. {rel}), which are sources; choose an output folder outside SRC"
+                )
+
+
+def check_no_map_on_a_source(jobs: list[tuple[Path, Path]]) -> None:
+    """Refuse a run in which a map would be written over one of its sources or another map.
+
+    Args:
+        jobs: (source, map) pairs, resolved.
+
+    Raises:
+        UserError: naming the file that would be overwritten and the image(s) mapped onto it.
+    """
+    sources = {source.resolve() for source, _ in jobs}
+    made_from: dict[Path, Path] = {}
+    for source, target in jobs:
+        if target.resolve() in sources:
+            raise UserError(
+                f"{target.resolve()}: the map of {source} would overwrite this source image; "
+                "choose an output folder outside SRC"
+            )
+        if target in made_from:  # a.jpg + a.png get a.jpg.png, and so would a source a.jpg.png
+            raise UserError(f"{target}: both {made_from[target]} and {source} would be mapped to this file; rename one")
+        made_from[target] = source
 
 
 # The worker's preprocessor and PNG choice, set once per process by _init_worker (not
@@ -160,10 +291,15 @@ def _run_one(job: tuple[Path, Path]) -> tuple[Path, str | None]:
         assert _worker is not None
         write_png(target, _worker.from_file(source), _worker_rgb_png)
         return source, None
-    except (UserError, OSError, ValueError, cv2.error) as exc:
+    except UserError as exc:
         lines = str(exc).strip().splitlines()
         reason = lines[0] if lines else type(exc).__name__
         return source, reason.removeprefix(f"{source}: ")  # the summary names the file itself
+    except Exception as exc:  # any other failure of one file (cv2.error, a bug) must not stop the batch
+        lines = str(exc).strip().splitlines()
+        name = "cv2.error" if isinstance(exc, cv2.error) else type(exc).__name__
+        reason = f"{name}: {lines[0]}" if lines else name
+        return source, reason.replace(f"{source}: ", "")
 
 
 def default_workers() -> int:
@@ -192,7 +328,7 @@ def preprocess_folder(
         kind: preprocessor name (see :func:`~condkit.preprocessors.list_preprocessors`).
         src: folder of images (recursive) or a single image; never modified.
         dst: output folder; relative paths and stems are kept, suffix becomes ``.png``.
-        force: redo maps even when they are newer than their source.
+        force: redo maps even when they are up to date.
         workers: processes; default one per CPU core; 1 runs in this process.
         suffixes: file suffixes treated as images.
         progress: show a tqdm progress bar on stderr.
@@ -203,33 +339,109 @@ def preprocess_folder(
         A :class:`Summary`; files that failed are listed in ``summary.failed``.
 
     Raises:
-        UserError: unknown kind or option, SRC missing, or DST equal to SRC.
+        UserError: unknown kind or option, a resolution above the limit, SRC missing,
+            DST that is SRC, a file or the folder of an image SRC, DST inside SRC
+            holding images that are not its maps, or a map that would overwrite a source.
     """
     start = time.perf_counter()
+    made = get_preprocessor(kind, **options)  # fail fast on a bad kind or option, before any work
     src, dst = Path(src), Path(dst)
-    get_preprocessor(kind, **options)  # fail fast on a bad kind or option, before any work
     if not src.exists():
         raise UserError(f"{src}: no such file or folder")
-    if src.is_dir() and src.resolve() == dst.resolve():
-        raise UserError(f"{dst}: output folder is the source folder; choose another so sources stay untouched")
-    jobs, ignored = plan(src.resolve(), dst.resolve(), suffixes)
+    src, dst = src.resolve(), dst.resolve()
+    check_destination(src, dst)
+    maps = read_manifest(dst)
+    check_no_sources_in_dst(src, dst, maps, suffixes)
+    jobs, ignored = plan(src, dst, suffixes)
+    check_no_map_on_a_source(jobs)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{dst}: cannot create the output folder ({exc.strerror or exc})") from None
+    recipe = made.made_by()
+    made_by = None if recipe is None else {**recipe, "rgb_png": rgb_png}
     summary = Summary(ignored=[str(p) for p in ignored])
-    todo = []
+    todo, inputs = [], {}
     for source, target in jobs:
-        if not force and is_up_to_date(source, target):
+        inputs[target] = input_stamps(made, source)  # taken before the map is made
+        rel = target.relative_to(dst).as_posix()
+        if not force and is_up_to_date(maps.get(rel), made_by, inputs[target], target):
             summary.skipped.append(str(target))
         else:
             todo.append((source, target))
+    record = Recorder(dst, maps, made_by, inputs)
+    try:
+        _run_all(kind, options, rgb_png, todo, workers, progress, summary, record)
+    except BaseException:
+        record.save(quiet=True)  # keep what was made before the interruption
+        raise
+    record.save()
+    summary.failed.sort()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+@dataclasses.dataclass
+class Recorder:
+    """Adds each map made to the manifest records and saves them.
+
+    Attributes:
+        dst: the output folder.
+        maps: the manifest's records (relative map path -> record), updated in place.
+        made_by: what makes this run's maps (None: not recordable, nothing is recorded).
+        inputs: map path -> stamps of its input files, taken before it was made.
+        changed: whether the records differ from the file on disk.
+    """
+
+    dst: Path
+    maps: dict[str, dict[str, Any]]
+    made_by: dict[str, Any] | None
+    inputs: dict[Path, dict]
+    changed: bool = False
+
+    def add(self, target: Path) -> None:
+        """Record a map just written."""
+        rel = target.relative_to(self.dst).as_posix()
+        self.maps.pop(rel, None)
+        self.changed = True
+        if self.made_by is not None:
+            self.maps[rel] = {"made_by": self.made_by, "inputs": self.inputs[target], "map": file_stamp(target)}
+
+    def save(self, quiet: bool = False) -> None:
+        """Write the manifest if anything changed.
+
+        Args:
+            quiet: ignore a failed write (while another error is being reported).
+        """
+        if not self.changed:
+            return
+        try:
+            write_manifest(self.dst, self.maps)
+        except UserError:
+            if not quiet:
+                raise
+
+
+def _run_all(
+    kind: str,
+    options: dict[str, Any],
+    rgb_png: bool,
+    todo: list[tuple[Path, Path]],
+    workers: int | None,
+    progress: bool,
+    summary: Summary,
+    record: Recorder,
+) -> None:
+    """Make the maps of ``todo`` in this process or a pool; results go to ``summary``."""
     workers = min(workers or default_workers(), max(1, len(todo)))
-    results: Iterable[tuple[Path, str | None]]
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="img", desc=kind, disable=not progress or not todo)
-    if workers == 1:
-        _init_worker(kind, options, rgb_png)
-        results = map(_run_one, todo)
-        _collect(results, todo, summary, bar)
-    else:
+    try:
+        if workers == 1:
+            _init_worker(kind, options, rgb_png)
+            _collect(map(_run_one, todo), todo, summary, bar, record)
+            return
         # fork where available: workers start in milliseconds and inherit the imports.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         context = multiprocessing.get_context(method)
@@ -242,20 +454,19 @@ def preprocess_folder(
         cv2.setNumThreads(1)
         try:
             with context.Pool(workers, initializer=_init_worker, initargs=(kind, options, rgb_png)) as pool:
-                _collect(pool.imap_unordered(_run_one, todo, chunksize=chunk), todo, summary, bar)
+                _collect(pool.imap_unordered(_run_one, todo, chunksize=chunk), todo, summary, bar, record)
         finally:
             cv2.setNumThreads(threads)
-    bar.close()
-    summary.failed.sort()
-    summary.seconds = time.perf_counter() - start
-    return summary
+    finally:
+        bar.close()
 
 
-def _collect(results: Iterable[tuple[Path, str | None]], todo: list, summary: Summary, bar: Any) -> None:
+def _collect(results: Iterable[tuple[Path, str | None]], todo: list, summary: Summary, bar: Any, record: Recorder) -> None:
     targets = dict(todo)
     for source, error in results:
         if error is None:
             summary.done.append(str(targets[source]))
+            record.add(targets[source])
         else:
             summary.failed.append((str(source), error))
         bar.update(1)

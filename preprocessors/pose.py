@@ -88,6 +88,43 @@ def draw_openpose(people: list[np.ndarray], height: int, width: int, min_confide
     return canvas
 
 
+# Keypoints further than one canvas outside the canvas are not a pose but damage (1e300
+# from a broken editor): drawing them would overflow OpenCV's int32 coordinates.
+KEYPOINT_RANGE = (-1.0, 2.0)
+
+
+def _canvas_side(path: Path, data: Any, key: str, default: int) -> float:
+    """``canvas_width`` / ``canvas_height`` of an OpenPose JSON file, or the image's side.
+
+    Raises:
+        UserError: the value is not a finite number above zero.
+    """
+    value = data.get(key, default) if isinstance(data, dict) else default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{path}: {key} {value!r} is not a positive number of pixels")
+    return float(value)
+
+
+def _body_points(path: Path, number: int, person: Any) -> np.ndarray:
+    """One person's keypoints as ``(18, 3)`` float64 (pixels or normalised, as in the file).
+
+    Raises:
+        UserError: not a list of 54 (COCO-18) or 75 (BODY_25) finite numbers.
+    """
+    where = f"{path}: people[{number}].pose_keypoints_2d"
+    values = person.get("pose_keypoints_2d", []) if isinstance(person, dict) else None
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise UserError(f"{where} is not a list of numbers")
+    flat = np.asarray(values, np.float64)
+    if not np.isfinite(flat).all():
+        raise UserError(f"{where} holds a NaN or infinite number")
+    if flat.size == 25 * 3:
+        return flat.reshape(25, 3)[list(BODY25_TO_COCO18)]
+    if flat.size == 18 * 3:
+        return flat.reshape(18, 3).copy()
+    raise UserError(f"{where} has {flat.size} numbers; expected 54 (COCO-18) or 75 (BODY_25)")
+
+
 def read_openpose_json(path: str | os.PathLike, height: int, width: int) -> list[np.ndarray]:
     """Read the bodies of an OpenPose JSON file as normalised ``(18, 3)`` arrays.
 
@@ -101,7 +138,9 @@ def read_openpose_json(path: str | os.PathLike, height: int, width: int) -> list
         width: the image width.
 
     Raises:
-        UserError: unreadable JSON or keypoint lists of the wrong length.
+        UserError: unreadable JSON, keypoint lists of the wrong length or with values
+            that are not finite numbers, a canvas size that is not a positive number, or
+            a keypoint more than a canvas away from the canvas. The message names the file.
     """
     path = Path(path)
     try:
@@ -109,25 +148,28 @@ def read_openpose_json(path: str | os.PathLike, height: int, width: int) -> list
         people = data["people"] if isinstance(data, dict) else data
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not an OpenPose JSON file with a 'people' list ({type(exc).__name__})") from None
-    width = float(data.get("canvas_width", width)) if isinstance(data, dict) else float(width)
-    height = float(data.get("canvas_height", height)) if isinstance(data, dict) else float(height)
+    except RecursionError:  # "[[[[..." nested deeper than the parser's stack
+        raise UserError(f"{path}: not an OpenPose JSON file (nested too deeply)") from None
+    if not isinstance(people, list):
+        raise UserError(f"{path}: 'people' is a {type(people).__name__}, not a list")
+    canvas_width = _canvas_side(path, data, "canvas_width", width)
+    canvas_height = _canvas_side(path, data, "canvas_height", height)
     bodies = []
+    low, high = KEYPOINT_RANGE
     for number, person in enumerate(people):
-        flat = np.asarray(person.get("pose_keypoints_2d", []) if isinstance(person, dict) else [], np.float64)
-        if flat.size == 25 * 3:
-            points = flat.reshape(25, 3)[list(BODY25_TO_COCO18)]
-        elif flat.size == 18 * 3:
-            points = flat.reshape(18, 3)
-        else:
-            raise UserError(
-                f"{path}: people[{number}].pose_keypoints_2d has {flat.size} numbers; "
-                "expected 54 (COCO-18) or 75 (BODY_25)"
-            )
-        points = points.copy()
+        points = _body_points(path, number, person)
         present = points[:, 2] > 0
+        points[~present] = 0.0  # a missing keypoint has no position, whatever the file says
         if present.any() and points[present, :2].max() > 1.0:
-            points[:, 0] /= width
-            points[:, 1] /= height
+            points[:, 0] /= canvas_width
+            points[:, 1] /= canvas_height
+        outside = ((points[:, :2] < low) | (points[:, :2] > high)).any(axis=1)
+        if outside.any():
+            index = int(np.flatnonzero(outside)[0])
+            raise UserError(
+                f"{path}: people[{number}] keypoint {index} ({KEYPOINT_NAMES[index]}) lies far outside the "
+                f"{canvas_width:g} x {canvas_height:g} canvas"
+            )
         bodies.append(points)
     return bodies
 
@@ -187,19 +229,40 @@ def load_onnx_pose_model(path: str | os.PathLike) -> Any:
         raise UserError(f"{path}: not an ONNX model OpenCV can load ({detail})") from None
 
 
-def _import_mediapipe() -> Any:
-    """Import MediaPipe's legacy pose solution or explain how to get it."""
+# Why MediaPipe can be installed but broken, and the cure (see the README's pose extra).
+MEDIAPIPE_BROKEN_HINT = (
+    "it needs protobuf<5: reinstall with pip install 'condkit[pose]' and do not upgrade tensorboard or "
+    "protobuf afterwards, or pass keypoints=FILE.json"
+)
+
+
+def create_mediapipe_pose() -> Any:
+    """MediaPipe's legacy pose detector, or a one-line explanation of why there is none.
+
+    An incompatible protobuf (>= 5) can break MediaPipe either at import or only when
+    the detector is created (protobuf 7: ``AttributeError`` from its descriptors), so
+    both steps are inside the friendly error path.
+
+    Raises:
+        UserError: MediaPipe is missing, or cannot be imported or started.
+    """
     try:
         import mediapipe
-
-        return mediapipe.solutions.pose
     except ImportError:
         raise UserError(f"openpose: MediaPipe is not installed; {MEDIAPIPE_HINT}, or pass keypoints=FILE.json") from None
     except Exception as exc:  # e.g. an incompatible protobuf breaks the import midway
-        raise UserError(
-            f"openpose: MediaPipe is installed but cannot load ({type(exc).__name__}: {exc}); "
-            "it needs protobuf<5, so install the pose extra in its own environment"
-        ) from None
+        raise UserError(f"openpose: MediaPipe is installed but cannot load ({_first_line(exc)}); {MEDIAPIPE_BROKEN_HINT}") from None
+    try:
+        # static_image_mode: every image is independent (no tracking across a folder).
+        return mediapipe.solutions.pose.Pose(static_image_mode=True, model_complexity=1)
+    except Exception as exc:
+        raise UserError(f"openpose: MediaPipe is installed but cannot start ({_first_line(exc)}); {MEDIAPIPE_BROKEN_HINT}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 @register("openpose", "pose")
@@ -254,8 +317,7 @@ class OpenPose(Preprocessor):
             self._backend.setInput(cv2.dnn.blobFromImage(bgr, 1.0 / 255, size, (0, 0, 0), swapRB=False, crop=False))
             return [heatmaps_to_keypoints(np.asarray(self._backend.forward())[0])]
         if self._backend is None:
-            # static_image_mode: every image is independent (no tracking across a folder).
-            self._backend = _import_mediapipe().Pose(static_image_mode=True, model_complexity=1)
+            self._backend = create_mediapipe_pose()
         result = self._backend.process(np.ascontiguousarray(rgb))
         if result.pose_landmarks is None:
             return []
@@ -268,6 +330,23 @@ class OpenPose(Preprocessor):
         work = resize_to(rgb, target_size(*rgb.shape[:2], self.detect_resolution))
         return draw_openpose(self.detect(work), *out_size, self.min_confidence)
 
+    def _sibling_keypoints(self, path: Path) -> Path | None:
+        """The OpenPose JSON beside an image that :meth:`from_file` would use, if any."""
+        if self.detector in ("auto", "json") and not self.keypoints and not self.model:
+            for candidate in (path.with_name(f"{path.stem}_keypoints.json"), path.with_suffix(".json")):
+                if candidate.is_file():
+                    return candidate
+        return None
+
+    def input_files(self, path: str | os.PathLike) -> list[Path]:
+        """The image, file options, and the sibling keypoint file the map is drawn from.
+
+        Args:
+            path: the image file.
+        """
+        sibling = self._sibling_keypoints(Path(path))
+        return super().input_files(path) + ([sibling] if sibling else [])
+
     def from_file(self, path: str | os.PathLike) -> np.ndarray:
         """Map of an image file; with ``detector`` auto/json, a sibling OpenPose JSON is used.
 
@@ -276,10 +355,9 @@ class OpenPose(Preprocessor):
                 naming) or ``STEM.json`` beside it supplies the keypoints when present.
         """
         path = Path(path)
-        if self.detector in ("auto", "json") and not self.keypoints and not self.model:
-            for candidate in (path.with_name(f"{path.stem}_keypoints.json"), path.with_suffix(".json")):
-                if candidate.is_file():
-                    return dataclasses.replace(self, keypoints=str(candidate), detector="json")(load_image(path))
-            if self.detector == "json":
-                raise UserError(f"{path}: no {path.stem}_keypoints.json or {path.stem}.json beside it")
+        sibling = self._sibling_keypoints(path)
+        if sibling is not None:
+            return dataclasses.replace(self, keypoints=str(sibling), detector="json")(load_image(path))
+        if self.detector == "json" and not self.keypoints:
+            raise UserError(f"{path}: no {path.stem}_keypoints.json or {path.stem}.json beside it")
         return self(load_image(path))

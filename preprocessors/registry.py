@@ -18,10 +18,18 @@ import cv2
 import numpy as np
 
 from condkit.errors import UserError
-from condkit.preprocessors.image import hwc3, load_image, resize_to, target_size, to_rgb
+from condkit.preprocessors.image import SIZE_MULTIPLE, hwc3, load_image, resize_to, target_size, to_rgb
 
 # name or alias -> class; filled by @register when the modules are imported.
 _REGISTRY: dict[str, type["Preprocessor"]] = {}
+
+# Largest --detect-resolution / --image-resolution (short side, px). ControlNet inputs in
+# use are 512-1024 px (SD 1.5, SDXL) and tile upscaling workflows go to 4096; above that a
+# map is only a way to fill a disk (16000 px made a 149 MB PNG from a 64 px image).
+MAX_RESOLUTION = 4096
+# Largest map (or work image) in pixels: 4096 x 8192, i.e. the largest resolution at a 2:1
+# aspect ratio. Without it a thin strip at a legal short side becomes gigapixels.
+MAX_MAP_PIXELS = 4096 * 8192
 
 
 @dataclasses.dataclass
@@ -54,6 +62,9 @@ class Preprocessor:
         """
         rgb = to_rgb(image)
         out_size = target_size(*rgb.shape[:2], self.image_resolution)
+        # Checked before any work: render() allocates both sizes.
+        check_map_size(out_size, "map")
+        check_map_size(target_size(*rgb.shape[:2], self.detect_resolution), "detection image")
         return self.render(rgb, out_size)
 
     def render(self, rgb: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
@@ -72,6 +83,79 @@ class Preprocessor:
             path: an image file.
         """
         return self(load_image(path, keep_alpha=self.wants_alpha))
+
+    def input_files(self, path: str | os.PathLike) -> list[Path]:
+        """Every file the map of ``path`` is made from: the image and any file option.
+
+        The batch command records their sizes and times to tell when a map is stale.
+
+        Args:
+            path: the image file.
+        """
+        files = [Path(path)]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            # A string option naming an existing file (inpaint mask=, openpose keypoints=)
+            # is an input; other strings ("auto") just never name a file.
+            if isinstance(value, (str, os.PathLike)) and value and os.path.isfile(value):
+                files.append(Path(value))
+        return files
+
+    def made_by(self) -> dict[str, Any] | None:
+        """What makes this preprocessor's maps: canonical name and every option's value.
+
+        Returns:
+            ``{"kind": name, "options": {...}}`` as plain JSON data (aliases give the
+            same result), or None when an option is not plain data (e.g. a mask array
+            passed from Python), so no map can be called up to date.
+        """
+        options: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                return None
+            options[field.name] = value
+        return {"kind": self.name, "options": options}
+
+
+def check_map_size(size: tuple[int, int], what: str) -> None:
+    """Refuse an image size above :data:`MAX_MAP_PIXELS`.
+
+    Args:
+        size: ``(height, width)``.
+        what: what the size is of, for the message.
+
+    Raises:
+        UserError: too many pixels.
+    """
+    height, width = size
+    if height * width > MAX_MAP_PIXELS:
+        raise UserError(
+            f"the {what} would be {width} x {height} px, above the limit of {MAX_MAP_PIXELS:,} px "
+            "(4096 x 8192); use a smaller resolution"
+        )
+
+
+def check_resolution(name: str, key: str, value: Any) -> None:
+    """Refuse a ``detect_resolution`` / ``image_resolution`` outside SIZE_MULTIPLE..MAX_RESOLUTION.
+
+    Args:
+        name: the preprocessor name, for the message.
+        key: the option name.
+        value: its value (None: keep the input size).
+
+    Raises:
+        UserError: not an integer, or out of range.
+    """
+    if value is None:
+        return
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name}: {key} ({flag}) must be a whole number of pixels, got {value!r}")
+    if not SIZE_MULTIPLE <= value <= MAX_RESOLUTION:
+        raise UserError(f"{name}: {key} ({flag}) {value} is outside {SIZE_MULTIPLE}..{MAX_RESOLUTION} px (the short side of a map)")
 
 
 def register(name: str, *aliases: str) -> Callable[[type[Preprocessor]], type[Preprocessor]]:
@@ -165,7 +249,8 @@ def get_preprocessor(name: str, **options: Any) -> Preprocessor:
         A callable: ``get_preprocessor("canny")(image) -> (H, W, 3) uint8``.
 
     Raises:
-        UserError: unknown name, unknown option or a value of the wrong type.
+        UserError: unknown name, unknown option, a value of the wrong type, or a
+            resolution above :data:`MAX_RESOLUTION`.
     """
     cls = preprocessor_class(name)
     kinds = option_types(cls)
@@ -173,4 +258,6 @@ def get_preprocessor(name: str, **options: Any) -> Preprocessor:
     if unknown:
         raise UserError(f"{name}: unknown option {unknown[0]!r}; its options are: {', '.join(kinds)}")
     values = {key: _coerce(name, key, value, kinds[key]) for key, value in options.items()}
+    for key in ("detect_resolution", "image_resolution"):
+        check_resolution(name, key, values.get(key))
     return cls(**values)

@@ -164,6 +164,8 @@ def test_encode_extras_defaults_to_the_target_image(base, attached):
 
 
 def test_joint_condition_dropout_rates_and_dropped_image_is_zero(base):
+    from condkit.families import Conditioning
+
     adapter = IPAdapter(IPAdapterConfig(drop_image=0.1, drop_text=0.2, drop_both=0.3))
     adapter.attach(base)
     try:
@@ -171,8 +173,8 @@ def test_joint_condition_dropout_rates_and_dropped_image_is_zero(base):
         text = torch.ones(n, 77, 64)
         empty = torch.zeros(1, 77, 64)
         extras = {IMAGE_EMBEDS_KEY: torch.ones(n, 64)}
-        new_text, new_extras = adapter.drop_conditions(text, extras, empty, 0.0, torch.Generator().manual_seed(0))
-        text_dropped = new_text[:, 0, 0] == 0
+        new_text, new_extras = adapter.drop_conditions(Conditioning(text), extras, Conditioning(empty), 0.0, torch.Generator().manual_seed(0))
+        text_dropped = new_text.encoder_hidden_states[:, 0, 0] == 0
         image_dropped = (new_extras[IMAGE_EMBEDS_KEY] == 0).all(dim=1)
         assert not (new_extras[IMAGE_EMBEDS_KEY][~image_dropped] == 0).any()  # whole embeddings only
         rates = {

@@ -56,7 +56,7 @@ def test_cli_processes_good_files_names_bad_ones_and_leaves_src_alone(src, tmp_p
     assert f"failed: {src / 'corrupt.png'}" in err and f"failed: {src / 'fake.jpg'}" in err
     assert err.count("failed:") == 2
     assert "3 written, 0 up to date, 2 failed" in out
-    maps = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    maps = sorted(str(p.relative_to(dst)) for p in dst.rglob("*.png"))  # plus the hidden manifest
     assert maps == ["astronaut.png", "sub/camera.png", "sub/coffee.png"]
     astronaut = cv2.imread(str(dst / "astronaut.png"))
     expected = cv2.Canny(cv2.imread(str(src / "astronaut.jpg"))[:, :, ::-1], 100, 200)
@@ -101,7 +101,7 @@ def test_same_stem_different_suffix_keeps_both(tmp_path):
     cv2.imwrite(str(root / "cat.png"), skimage_data.chelsea()[:, :, ::-1])
     cv2.imwrite(str(root / "cat.jpg"), skimage_data.coffee()[:, :, ::-1])
     summary = preprocess_folder("color", root, tmp_path / "out", progress=False)
-    assert summary.ok and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cat.jpg.png", "cat.png.png"]
+    assert summary.ok and sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["cat.jpg.png", "cat.png.png"]
 
 
 def test_interrupted_write_leaves_no_partial_or_temp_file(src, tmp_path, monkeypatch):
@@ -127,7 +127,7 @@ def test_interrupted_write_leaves_no_partial_or_temp_file(src, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         preprocess_folder("canny", src / "astronaut.jpg", dst, workers=1, progress=False, force=True)
     assert (dst / "astronaut.png").read_bytes() == good  # the old map survives
-    assert [p.name for p in dst.iterdir()] == ["astronaut.png"]
+    assert sorted(p.name for p in dst.iterdir()) == [batch.MANIFEST_NAME, "astronaut.png"]  # no .tmp file
 
 
 def test_pose_batch_uses_sibling_openpose_json(tmp_path):

@@ -4,16 +4,35 @@ When nothing upstream trains, a training step then costs only the U-Net (and the
 adapter): latents come from the cache as a (mean, std) pair and are sampled with the
 step's generator, exactly as an uncached step would sample them. With ``flip``,
 both orientations are encoded.
+
+A disk cache (``data.cache: disk``) carries a key: a digest of everything the encodings
+depend on (see :func:`cache_key`). :func:`load_or_encode` reuses a cache only when its
+key matches the run's and encodes afresh otherwise, so a changed image, caption, base,
+resolution, flip or preprocessor never trains on stale latents.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from condkit.train.encode import encode_prompts, latent_distribution
+from condkit.families import Conditioning, family_of
+from condkit.train.encode import encode_conditioning, latent_distribution
+
+
+# safetensors header keys of a disk cache
+KEY_METADATA = "condkit_cache_key"
+CAPTIONS_METADATA = "condkit_captions"
+# Prefix of the prompt-conditioning tensors in a disk cache (text.encoder_hidden_states, ...).
+CONDITIONING_PREFIX = "text."
+# Bumped when what an encoding means changes (the image loader, the key's contents).
+CACHE_FORMAT = 3  # 3: prompt conditioning stored as the model family's named tensors
 
 
 @dataclasses.dataclass
@@ -22,9 +41,11 @@ class EncodedSet:
 
     Attributes:
         latent_mean, latent_std: (variants, n, c, h, w); variant 1 is the flipped image.
-        caption_index: (n,) index of each sample's caption into ``text_embeds``.
-        text_embeds: (u, 77, d) embeddings of the unique captions, or None when the
-            text encoder trains (then captions are encoded every step).
+        caption_index: (n,) index of each sample's caption into ``conditioning``.
+        conditioning: the unique captions' prompt conditioning as the model family's
+            named tensors (:meth:`condkit.families.Conditioning.tensors`, each (u, ...);
+            SD: ``encoder_hidden_states`` (u, 77, d)), or None when a text encoder
+            trains (then captions are encoded every step).
         captions: the n captions.
         extras: adapter encodings, name -> (variants, n, ...).
     """
@@ -32,12 +53,12 @@ class EncodedSet:
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
     caption_index: torch.Tensor
-    text_embeds: torch.Tensor | None
+    conditioning: dict[str, torch.Tensor] | None
     captions: list[str]
     extras: dict[str, torch.Tensor]
 
     def batch(self, indices: list[int], flips: list[bool]) -> dict:
-        """Gather a batch: latent distribution, text embeddings (if cached), extras.
+        """Gather a batch: latent distribution, prompt conditioning (if cached), extras.
 
         Args:
             indices: sample indices.
@@ -51,35 +72,43 @@ class EncodedSet:
             "caption": [self.captions[i] for i in indices],
             "extras": {k: v[variant, index] for k, v in self.extras.items()},
         }
-        if self.text_embeds is not None:
-            out["text_embeds"] = self.text_embeds[self.caption_index[index]]  # (b, 77, d)
+        if self.conditioning is not None:
+            out["conditioning"] = Conditioning.from_tensors(self.conditioning).take(self.caption_index[index])  # batch b
         return out
 
-    def save(self, path: str | Path) -> None:
-        """Write the cache as safetensors (atomically), for ``data.cache: disk``."""
+    def save(self, path: str | Path, key: str = "") -> None:
+        """Write the cache as safetensors (atomically), for ``data.cache: disk``.
+
+        The key and the captions are stored in the safetensors header, so tensors, key
+        and captions are replaced together in one atomic write; the ``.json`` beside it
+        repeats them for people reading the folder.
+
+        Args:
+            path: the ``.safetensors`` file.
+            key: the :func:`cache_key` digest of what was encoded.
+        """
         from condkit.io import save_safetensors_atomic, write_json_atomic
 
         tensors = {"latent_mean": self.latent_mean, "latent_std": self.latent_std, "caption_index": self.caption_index}
-        if self.text_embeds is not None:
-            tensors["text_embeds"] = self.text_embeds
+        if self.conditioning is not None:
+            tensors.update({CONDITIONING_PREFIX + k: v for k, v in self.conditioning.items()})
         tensors.update({f"extras.{k}": v for k, v in self.extras.items()})
-        save_safetensors_atomic(tensors, path)
-        write_json_atomic(Path(path).with_suffix(".json"), {"captions": self.captions})
+        metadata = {KEY_METADATA: key, CAPTIONS_METADATA: json.dumps(self.captions)}
+        save_safetensors_atomic(tensors, path, metadata=metadata)
+        write_json_atomic(Path(path).with_suffix(".json"), {"key": key, "captions": self.captions})
 
     @classmethod
     def load(cls, path: str | Path) -> EncodedSet:
         """Read a cache written by :meth:`save`."""
-        import json
-
-        from condkit.io import load_state_dict
+        from condkit.io import load_state_dict, read_safetensors_metadata
 
         tensors = load_state_dict(path)
-        captions = json.loads(Path(path).with_suffix(".json").read_text())["captions"]
+        captions = json.loads(read_safetensors_metadata(path)[CAPTIONS_METADATA])
         return cls(
             latent_mean=tensors["latent_mean"],
             latent_std=tensors["latent_std"],
             caption_index=tensors["caption_index"],
-            text_embeds=tensors.get("text_embeds"),
+            conditioning={k[len(CONDITIONING_PREFIX) :]: v for k, v in tensors.items() if k.startswith(CONDITIONING_PREFIX)} or None,
             captions=captions,
             extras={k[len("extras.") :]: v for k, v in tensors.items() if k.startswith("extras.")},
         )
@@ -93,7 +122,7 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
         dataset: a :class:`condkit.train.data.TrainingSet` with center crops.
         base: the frozen base.
         adapters: all attached adapters; each one's ``encode_extras`` is cached too.
-        with_text: also cache text embeddings (False when the text encoder trains).
+        with_text: also cache the prompt conditioning (False when a text encoder trains).
         flip: encode the flipped variant as well.
         batch_size: encoding batch size.
         progress: optional callable(done, total) for a progress display.
@@ -122,14 +151,130 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
     captions = [record.caption for record in dataset.records]
     unique = sorted(set(captions))
     lookup = {caption: i for i, caption in enumerate(unique)}
-    text_embeds = None
+    conditioning = None
     if with_text:
-        text_embeds = torch.cat([encode_prompts(base, unique[i : i + 64]).float().cpu() for i in range(0, len(unique), 64)])
+        parts = [encode_conditioning(base, unique[i : i + 64]).to("cpu", torch.float32) for i in range(0, len(unique), 64)]
+        conditioning = Conditioning.cat(parts).tensors()
     return EncodedSet(
         latent_mean=torch.stack(means),
         latent_std=torch.stack(stds),
         caption_index=torch.tensor([lookup[c] for c in captions], dtype=torch.long),
-        text_embeds=text_embeds,
+        conditioning=conditioning,
         captions=captions,
         extras={k: torch.stack(v) for k, v in extras.items()},
     )
+
+
+def _file_identity(path: Path) -> list:
+    """``[absolute path, size, mtime_ns]`` of a file (an edit or a swap changes it)."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _source_identity(source: Any) -> Any:
+    """What identifies one image of a record: a file's identity, or an array's digest."""
+    if source is None:
+        return None
+    if isinstance(source, np.ndarray):
+        return [list(source.shape), hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()]
+    return _file_identity(Path(source))
+
+
+def _weights_digest(modules: list) -> str:
+    """SHA-256 of the parameters and buffers of ``modules`` (any dtype or device), read only."""
+    digest = hashlib.sha256()
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _encoders_identity(base, adapters, with_text: bool) -> dict:
+    """What the cached tensors pass through: the base's fingerprint and the weights of the
+    VAE, the text encoder (with any frozen LoRA inside it) and the image encoders."""
+    image_encoders = [base.image_encoder, *(getattr(a, "image_encoder", None) for a in adapters)]
+    return {
+        "fingerprint": base.fingerprint(),
+        "vae": _weights_digest([base.vae]),
+        "text_encoder": _weights_digest(list(family_of(base).text_encoders(base).values())) if with_text else None,
+        "image_encoders": _weights_digest(image_encoders),
+    }
+
+
+def _adapter_identity(adapter) -> dict:
+    """An adapter's kind, name and config (its weights count through the encoders they change)."""
+    config = adapter.config.to_dict() if hasattr(adapter.config, "to_dict") else repr(adapter.config)
+    return {"kind": type(adapter).__name__, "name": adapter.name, "config": config}
+
+
+def cache_key(dataset, base, adapters, *, with_text: bool, flip: bool) -> str:
+    """A digest of everything an :class:`EncodedSet` of ``dataset`` depends on.
+
+    Covers each record's files (path, size, modification time; in-memory images by
+    content) including its per-sample inputs, captions and input preprocessors; the training size and crop; flip;
+    whether text is cached; the base's fingerprint and the weights of the encoders the
+    cache passes through (VAE, text encoder with any frozen LoRA in it, image encoders);
+    the adapters' kinds and configs.
+
+    Args:
+        dataset: a :class:`condkit.train.data.TrainingSet`.
+        base: the base model.
+        adapters: all attached adapters.
+        with_text: text embeddings are cached.
+        flip: flipped variants are cached.
+    """
+    description = {
+        "format": CACHE_FORMAT,
+        "records": [
+            [
+                _source_identity(r.image),
+                r.caption,
+                {name: _source_identity(source) for name, source in sorted(r.inputs.items())},
+                dict(sorted(r.preprocessors.items())),
+            ]
+            for r in dataset.records
+        ],
+        "size": dataset.size,
+        "crop": dataset.crop,
+        "flip": flip,
+        "with_text": with_text,
+        "encoders": _encoders_identity(base, adapters, with_text),
+        "adapters": [_adapter_identity(a) for a in adapters],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stored_key(path: Path) -> str | None:
+    """The key a disk cache was written with, or None (missing, unreadable, or written before keys)."""
+    from condkit.errors import UserError
+    from condkit.io import read_safetensors_metadata
+
+    try:
+        return read_safetensors_metadata(path).get(KEY_METADATA) or None
+    except (OSError, UserError):  # a damaged cache is simply rebuilt
+        return None
+
+
+def load_or_encode(dataset, base, adapters, path: Path, *, with_text: bool, flip: bool, disk: bool, write: bool) -> EncodedSet:
+    """The dataset's encodings: from the disk cache when its key matches, else encoded now.
+
+    Args:
+        dataset: a :class:`condkit.train.data.TrainingSet` with center crops.
+        base: the frozen base.
+        adapters: all attached adapters.
+        path: the ``.safetensors`` disk cache.
+        with_text: cache text embeddings too.
+        flip: cache flipped variants too.
+        disk: ``data.cache: disk`` (else encode in memory only).
+        write: this process writes the cache (the main process).
+    """
+    key = cache_key(dataset, base, adapters, with_text=with_text, flip=flip) if disk else ""
+    if disk and path.is_file() and stored_key(path) == key:
+        return EncodedSet.load(path)
+    encoded = encode_dataset(dataset, base, adapters, with_text=with_text, flip=flip)
+    if disk and write:
+        encoded.save(path, key)
+    return encoded

@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from condkit.adapters.base import config_field as _field  # one way to declare a key, for recipes and adapter kinds
 from condkit.errors import UserError, report_user_errors
-
-
-def _field(default: Any, help: str, *, range: tuple[float, float] | None = None, choices: tuple[str, ...] | None = None):
-    """A dataclass field carrying its help text and allowed range/choices."""
-    meta = {"help": help, "range": range, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +44,11 @@ class DataConfig:
     )
     condition_preprocessor: str = _field("", "compute condition maps from the images with this preprocessor (ControlNet)")
     reference: str = _field("", "folder of reference images matched by file stem (IP-Adapter); default: the image itself")
+    allow_outside_paths: bool = _field(
+        False, "let metadata.jsonl / prompt.json name files outside data.path (absolute or ../ paths); off: such a row is refused"
+    )
     prior_path: str = _field("", "folder of class images for prior preservation (generated from the base when empty)")
-    prior_prompt: list = _field([], "class prompt(s) for prior preservation (DreamBooth's class_prompt; several are cycled over the class images); empty = off")
+    prior_prompt: list[str] = _field([], "class prompt(s) for prior preservation (DreamBooth's class_prompt; several are cycled over the class images); empty = off")
     prior_count: int = _field(0, "number of class images (generated if the folder has fewer)", range=(0, 100000))
     prior_loss_weight: float = _field(1.0, "weight of the prior-preservation loss", range=(0.0, 100.0))
     num_workers: int = _field(0, "DataLoader worker processes when images are not cached", range=(0, 64))
@@ -90,8 +87,8 @@ class ValidationConfig:
     """Sampling during training."""
 
     every: int = _field(0, "sample validation images every N steps; 0 = off (the end of training still samples)", range=(0, 10_000_000))
-    prompts: list = _field([], "prompts to sample")
-    images: list = _field([], "condition maps (ControlNet) or reference images (IP-Adapter) to sample with")
+    prompts: list[str] = _field([], "prompts to sample")
+    images: list[str] = _field([], "condition maps (ControlNet) or reference images (IP-Adapter) to sample with")
     num_inference_steps: int = _field(25, "sampling steps", range=(1, 1000))
     guidance_scale: float = _field(7.5, "classifier-free guidance scale", range=(0.0, 100.0))
     seed: int = _field(0, "sampling seed", range=(0, 2**63 - 1))
@@ -112,7 +109,7 @@ class Recipe:
     adapter: AdapterSection
     base: str = "embedded"
     base_config: str = ""
-    seed: int = 0
+    seed: int = 0  # range: SEED_RANGE
     frozen_adapters: list = dataclasses.field(default_factory=list)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -120,6 +117,8 @@ class Recipe:
     source: str = ""  # the recipe file, for messages
 
 
+# torch.manual_seed takes up to 2**64 - 1; the loop also seeds with seed + 1.
+SEED_RANGE = (0, 2**63 - 1)
 TOP_LEVEL_KEYS = ("base", "base_config", "seed", "frozen_adapters", "data", "adapter", "train", "validation")
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "validation": ValidationConfig}
 
@@ -136,14 +135,63 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """
     path = resolve_recipe_path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(read_utf8(path)) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a mapping of keys to values")
     for item in overrides:
         apply_override(raw, item, path)
-    return recipe_from_dict(raw, source=str(path))
+    recipe = recipe_from_dict(raw, source=str(path))
+    check_validation_files(recipe)
+    return recipe
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a recipe file, which must be UTF-8.
+
+    Args:
+        path: the file.
+
+    Raises:
+        UserError: unreadable, or not UTF-8 (naming the first bad byte's position).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8") from None
+
+
+def check_validation_files(recipe: Recipe) -> None:
+    """Check that every ``validation.images`` entry is an existing file (before any work).
+
+    Args:
+        recipe: the validated recipe.
+
+    Raises:
+        UserError: naming the key, the entry and the path.
+    """
+    for number, image in enumerate(recipe.validation.images):
+        if not Path(image).is_file():
+            raise UserError(f"{recipe.source}: validation.images[{number}] = {image!r}: no such file")
+
+
+def recipe_values(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as flat ``dotted.key -> value`` (the keys a recipe file uses), JSON-ready.
+
+    Args:
+        recipe: a validated recipe.
+    """
+    values: dict[str, Any] = {name: getattr(recipe, name) for name in ("base", "base_config", "seed", "frozen_adapters")}
+    values["adapter.kind"] = recipe.adapter.kind
+    values.update({f"adapter.{k}": v for k, v in dataclasses.asdict(recipe.adapter.config).items()})
+    for name in SECTIONS:
+        values.update({f"{name}.{k}": v for k, v in dataclasses.asdict(getattr(recipe, name)).items()})
+    return json.loads(json.dumps(values, default=str))
 
 
 def resolve_recipe_path(path: str | Path) -> Path:
@@ -213,15 +261,22 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     frozen = raw.get("frozen_adapters") or []
     if not isinstance(frozen, list):
         raise UserError(f"{source}: frozen_adapters must be a list of adapter paths, got {frozen!r}")
+    _check_type(frozen, list[str], source, "frozen_adapters")
     return Recipe(
         adapter=adapter,
         base=str(_check_type(raw.get("base", "embedded"), str, source, "base")),
         base_config=str(_check_type(raw.get("base_config") or "", str, source, "base_config")),
-        seed=_check_type(raw.get("seed", 0), int, source, "seed"),
+        seed=_check_seed(raw.get("seed", 0), source),
         frozen_adapters=[str(p) for p in frozen],
         source=source,
         **sections,
     )
+
+
+def _check_seed(value: Any, source: str) -> int:
+    value = _check_type(value, int, source, "seed")
+    _check_range(value, {"range": SEED_RANGE}, source, "seed")
+    return value
 
 
 def build_dataclass(cls: type, data: dict, source: str, section: str):
@@ -287,6 +342,11 @@ def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{source}: {key} must be a list, got {value!r}")
+        element = (typing.get_args(hint) or (Any,))[0]
+        if element is str:  # strict: a prompt or path written as a bare number is a mistake, not text
+            for number, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise UserError(f"{source}: {key}[{number}] must be text (quote it), got {item!r}")
         value = list(value) if origin is list else tuple(value)
     return value
 
@@ -336,7 +396,7 @@ def load_stage_recipe(path: str | Path, recipe_class: type):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(read_utf8(path)) or {}
     known = {field.name for field in dataclasses.fields(recipe_class)}
     unknown = sorted(set(data) - known)
     if unknown:

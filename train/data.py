@@ -1,47 +1,88 @@
 """Training data: find image records, load any image mode, crop and flip reproducibly.
 
 A data folder is read in one of these ways (first match wins):
-  * an adapter kind's own layouts (e.g. ControlNet's image/condition pairs), asked
-    through ``find_records`` on the kind's class;
-  * ``metadata.jsonl`` (the Hugging Face imagefolder convention): ``file_name`` and
-    ``text`` columns, optional ``condition_file_name`` / ``reference_file_name``;
+  * an adapter kind's own layouts, asked through ``find_records`` on the kind's class;
+  * ``metadata.jsonl`` (the Hugging Face imagefolder convention): an image column
+    (``file_name`` or ``image``), a caption column (``text``, ``caption`` or
+    ``prompt``), and the columns of the kinds' per-sample inputs;
+  * ``images/`` beside the folders of the kinds' per-sample inputs, matched by stem;
   * every image below the folder, captioned by a same-stem ``.txt`` file, else by
     ``data.caption``;
   * ``path: shapes``: the built-in shapes world, generated in memory from the seed.
+
+This module knows no adapter kind: the per-sample inputs (a kind's extra images, e.g.
+a map of the image or a second picture) come from the
+:class:`~condkit.adapters.base.SampleInput` declarations of the registered kinds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from condkit.adapters.base import SampleInput
 from condkit.errors import UserError
+from condkit.preprocessors.image import load_image, pil_to_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MIN_IMAGE_SIDE = 8  # smaller images carry too little to upscale into a training sample
+IMAGE_COLUMNS = ("file_name", "image")
+CAPTION_COLUMNS = ("text", "caption", "prompt")
+IMAGES_FOLDER = "images"
+
+
+def sample_inputs() -> tuple[SampleInput, ...]:
+    """Every per-sample input the registered kinds declare, each name once, by kind name.
+
+    Raises:
+        ValueError: two kinds declare one input name differently.
+    """
+    from condkit.adapters.registry import loadable_adapter_classes
+
+    found: dict[str, tuple[str, SampleInput]] = {}
+    for kind_class in loadable_adapter_classes():  # a broken plugin is named once and skipped
+        kind = kind_class.kind
+        for declared in kind_class.sample_inputs:
+            earlier = found.setdefault(declared.name, (kind, declared))
+            if earlier[1] != declared:
+                raise ValueError(f"kinds {earlier[0]!r} and {kind!r} declare sample input {declared.name!r} differently")
+    return tuple(declared for _, declared in found.values())
 
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One training sample before loading: where its image, caption and conditions are.
+    """One training sample before loading: where its image, caption and inputs are.
 
-    ``image``, ``condition`` and ``reference`` are file paths or in-memory uint8 RGB
-    arrays (H, W, 3); ``condition_preprocessor`` names a preprocessor that makes the
-    condition map from the image when no map is given.
+    ``image`` and each of ``inputs`` (a kind's per-sample inputs by name, see
+    :class:`~condkit.adapters.base.SampleInput`) are file paths or in-memory uint8 RGB
+    arrays (H, W, 3); ``preprocessors`` names, per input the sample lacks, the
+    preprocessor that makes it from the image. A declared input also reads as an
+    attribute (``record.<name>``, None when the sample has none).
     """
 
     image: Any
     caption: str
-    condition: Any = None
-    reference: Any = None
-    condition_preprocessor: str = ""
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    preprocessors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """A declared per-sample input by name (called only for names that are not fields)."""
+        if name.startswith("__") or name in ("inputs", "preprocessors"):
+            raise AttributeError(name)  # e.g. pickle probing before __dict__ is filled
+        inputs = self.__dict__.get("inputs") or {}
+        if name in inputs:
+            return inputs[name]
+        if name in {declared.name for declared in sample_inputs()}:
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
@@ -56,8 +97,9 @@ def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
     Raises:
         UserError: the folder is missing or holds no images.
     """
+    inputs = sample_inputs()
     if data.path == "shapes":
-        records = _shapes_records(data.shapes_count, seed, data.shapes_partial_captions, data.shapes_reference_variety)
+        records = _shapes_records(data.shapes_count, seed, data.shapes_partial_captions, data.shapes_reference_variety, inputs)
     else:
         root = Path(data.path)
         if data.path.startswith("fewshot/") and not root.is_dir():
@@ -68,7 +110,7 @@ def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
         custom = getattr(adapter_cls, "find_records", None)
         records = custom(data) if custom is not None else None
         if records is None:
-            records = _records_from_metadata(root, data.caption) if (root / "metadata.jsonl").is_file() else _records_from_folder(root, data.caption)
+            records = read_folder(root, data, inputs)
     if not records:
         raise UserError(f"data.path {data.path!r}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     uncaptioned = next((r for r in records if not r.caption), None)
@@ -76,19 +118,33 @@ def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
         raise UserError(
             f"{uncaptioned.image}: no caption (no same-name .txt file or metadata.jsonl text) and data.caption is empty"
         )
-    if data.reference:
-        records = _attach_references(records, Path(data.reference))
-    if data.condition_preprocessor:
-        records = [r if r.condition is not None else dataclasses.replace(r, condition_preprocessor=data.condition_preprocessor) for r in records]
+    for declared in inputs:
+        if declared.folder_key and getattr(data, declared.folder_key, ""):
+            records = _attach_from_folder(records, declared, Path(getattr(data, declared.folder_key)))
+        if declared.preprocessor_key and getattr(data, declared.preprocessor_key, ""):
+            made_by = getattr(data, declared.preprocessor_key)
+            records = [r if r.inputs.get(declared.name) is not None else _with_preprocessor(r, declared.name, made_by) for r in records]
     return records * data.repeats
 
 
-def _shapes_records(count: int, seed: int, partial_captions: float, reference_variety: float) -> list[Record]:
-    """The built-in shapes world in memory: image, caption, Canny map, reference pair."""
+def _with_preprocessor(record: Record, name: str, preprocessor: str) -> Record:
+    """``record`` with input ``name`` to be made by ``preprocessor`` from its image."""
+    return dataclasses.replace(record, preprocessors={**record.preprocessors, name: preprocessor})
+
+
+def _shapes_records(
+    count: int, seed: int, partial_captions: float, reference_variety: float, inputs: tuple[SampleInput, ...]
+) -> list[Record]:
+    """The built-in shapes world in memory: image, caption, and each declared input the
+    world draws (a sample attribute of the input's name)."""
     from condkit.train.shapes_world import ShapesWorld
 
     return [
-        Record(image=s.image, caption=s.caption, condition=s.condition, reference=s.reference)
+        Record(
+            image=s.image,
+            caption=s.caption,
+            inputs={d.name: getattr(s, d.name) for d in inputs if getattr(s, d.name, None) is not None},
+        )
         for s in ShapesWorld(seed=seed, partial_captions=partial_captions, reference_variety=reference_variety).batch(0, count)
     ]
 
@@ -106,52 +162,152 @@ def list_images(root: Path) -> list[Path]:
     )
 
 
-def _records_from_folder(root: Path, default_caption: str) -> list[Record]:
+def read_utf8(path: Path) -> str:
+    """A caption or metadata file's text (UTF-8, with or without a byte-order mark).
+
+    Args:
+        path: the text file.
+
+    Raises:
+        UserError: the file is not UTF-8 (e.g. Latin-1 or UTF-16), naming it.
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start} is invalid); save it as UTF-8") from None
+
+
+def caption_beside(image: Path, default_caption: str) -> str:
+    """The caption of ``image``: its same-stem ``.txt`` file, else ``default_caption``.
+
+    Args:
+        image: the image file.
+        default_caption: ``data.caption``.
+    """
+    caption_file = image.with_suffix(".txt")
+    return read_utf8(caption_file).strip() if caption_file.is_file() else default_caption
+
+
+def data_file(root: Path, value: Any, where: str, key: str, allow_outside: bool) -> Path:
+    """The file a dataset row names: a non-empty string, inside ``root`` unless allowed.
+
+    The check is on the path as written (absolute, or ``..`` climbing out of the
+    folder), so files the user linked into the folder still count as inside.
+
+    Args:
+        root: the data folder.
+        value: the row's value for ``key``.
+        where: ``FILE:LINE`` of the row, for messages.
+        key: the column name.
+        allow_outside: ``data.allow_outside_paths``.
+
+    Raises:
+        UserError: the value is not a file name, or points outside ``root``.
+    """
+    if not isinstance(value, str) or not value.strip():
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise UserError(f"{where}: {key!r} must be a file name (a string), not {shown}")
+    normal = os.path.normpath(value)
+    if not allow_outside and (os.path.isabs(value) or normal == os.pardir or normal.startswith(os.pardir + os.sep)):
+        raise UserError(
+            f"{where}: {key!r} = {value!r} is outside the data folder {root}; set data.allow_outside_paths: true to allow it"
+        )
+    return root / value
+
+
+def row_text(row: dict, keys: tuple[str, ...], where: str, default: str) -> str:
+    """A row's caption: the first of ``keys`` present, else ``default``; must be a string.
+
+    Args:
+        row: the JSON object.
+        keys: caption columns in order of preference.
+        where: ``FILE:LINE`` of the row, for messages.
+        default: ``data.caption``.
+
+    Raises:
+        UserError: the caption is not a string.
+    """
+    key = next((k for k in keys if row.get(k) not in (None, "")), None)
+    if key is None:
+        return default
+    if not isinstance(row[key], str):
+        raise UserError(f"{where}: {key!r} must be a string, not {type(row[key]).__name__}")
+    return row[key] or default
+
+
+def read_folder(root: Path, data: Any, inputs: tuple[SampleInput, ...] | None = None) -> list[Record]:
+    """The records of a data folder: ``metadata.jsonl``, else ``images/`` beside input
+    folders, else every image below it (see the module docstring).
+
+    Input files are not checked for existence here (a kind that requires its input
+    names a missing one in its own words); images and paths are.
+
+    Args:
+        root: the data folder.
+        data: the recipe's ``data`` section (``caption``, ``allow_outside_paths``).
+        inputs: the per-sample inputs to read; default: all the registered kinds declare.
+    """
+    inputs = sample_inputs() if inputs is None else inputs
+    caption, allow_outside = data.caption, bool(getattr(data, "allow_outside_paths", False))
+    if (root / "metadata.jsonl").is_file():
+        return _records_from_metadata(root, caption, allow_outside, inputs)
+    folders = {d.name: root / d.folder for d in inputs if d.folder and (root / d.folder).is_dir()}
+    if (root / IMAGES_FOLDER).is_dir() and folders:
+        return _records_from_input_folders(root, caption, folders)
+    return [Record(image=image, caption=caption_beside(image, caption)) for image in list_images(root)]
+
+
+def _records_from_input_folders(root: Path, default_caption: str, folders: dict[str, Path]) -> list[Record]:
+    """``images/`` plus one folder per input, files matched by path below them without suffix."""
+    images_dir = root / IMAGES_FOLDER
+    by_stem = {name: {p.relative_to(folder).with_suffix(""): p for p in list_images(folder)} for name, folder in folders.items()}
     records = []
-    for image in list_images(root):
-        caption_file = image.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else default_caption
-        records.append(Record(image=image, caption=caption))
+    for image in list_images(images_dir):
+        stem = image.relative_to(images_dir).with_suffix("")
+        found = {name: files[stem] for name, files in by_stem.items() if stem in files}
+        records.append(Record(image=image, caption=caption_beside(image, default_caption), inputs=found))
     return records
 
 
-def _records_from_metadata(root: Path, default_caption: str) -> list[Record]:
+def _records_from_metadata(root: Path, default_caption: str, allow_outside: bool, inputs: tuple[SampleInput, ...]) -> list[Record]:
     records = []
     path = root / "metadata.jsonl"
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             row = json.loads(line)
-            file_name = row["file_name"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}:{number}: each line must be a JSON object with a 'file_name' key") from None
-        image = root / file_name
+        except ValueError:
+            row = None
+        image_key = next((k for k in IMAGE_COLUMNS if row.get(k)), None) if isinstance(row, dict) else None
+        if image_key is None:
+            raise UserError(f"{where}: each line must be a JSON object with a 'file_name' key (or 'image')")
+        image = data_file(root, row[image_key], where, image_key, allow_outside)
         if not image.is_file():
-            raise UserError(f"{path}:{number}: image {file_name!r} does not exist")
-        condition = row.get("condition_file_name") or row.get("conditioning_image")
-        reference = row.get("reference_file_name") or row.get("reference")
-        records.append(
-            Record(
-                image=image,
-                caption=str(row.get("text", row.get("caption", default_caption)) or default_caption),
-                condition=root / condition if condition else None,
-                reference=root / reference if reference else None,
-            )
-        )
+            raise UserError(f"{where}: image {row[image_key]!r} does not exist")
+        files = {}
+        for declared in inputs:
+            key = next((k for k in declared.columns if row.get(k)), None)
+            if key:
+                files[declared.name] = data_file(root, row[key], where, key, allow_outside)
+        records.append(Record(image=image, caption=row_text(row, CAPTION_COLUMNS, where, default_caption), inputs=files))
     return records
 
 
-def _attach_references(records: list[Record], folder: Path) -> list[Record]:
+def _attach_from_folder(records: list[Record], declared: SampleInput, folder: Path) -> list[Record]:
+    """Each record's input ``declared`` from ``folder`` (the ``data.<folder_key>`` recipe key),
+    matched by the image's file stem."""
+    key = f"data.{declared.folder_key}"
     if not folder.is_dir():
-        raise UserError(f"data.reference {str(folder)!r}: no such folder")
+        raise UserError(f"{key} {str(folder)!r}: no such folder")
     by_stem = {p.stem: p for p in list_images(folder)}
     out = []
     for record in records:
         stem = Path(record.image).stem if isinstance(record.image, (str, Path)) else None
         if stem not in by_stem:
-            raise UserError(f"data.reference: no reference image for {record.image} in {folder} (matched by file stem)")
-        out.append(dataclasses.replace(record, reference=by_stem[stem]))
+            raise UserError(f"{key}: no {declared.label} for {record.image} in {folder} (matched by file stem)")
+        out.append(dataclasses.replace(record, inputs={**record.inputs, declared.name: by_stem[stem]}))
     return out
 
 
@@ -159,26 +315,20 @@ def load_rgb(source: Any) -> np.ndarray:
     """Load an image as a uint8 RGB array (H, W, 3), whatever its mode.
 
     RGBA/LA/P-with-transparency are composited on white; L, P, CMYK and 16-bit
-    images are converted; EXIF orientation is applied.
+    images are converted; EXIF orientation is applied; files over the pixel limit are
+    refused before decoding (see :func:`condkit.preprocessors.image.load_image`).
 
     Args:
         source: a file path, a PIL image, or an (H, W, 3) uint8 array (returned as is).
 
     Raises:
-        UserError: the file cannot be decoded (names the file), or is tiny.
+        UserError: the file cannot be decoded, is too large, or is tiny (names the file).
     """
     if isinstance(source, np.ndarray):
         return source
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        try:
-            with Image.open(source) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise UserError(f"{source}: cannot read image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    rgb = to_rgb(image)
+    # Files go through condkit's one image loader, as in `condkit preprocess`: pixel
+    # limit checked from the header, EXIF orientation, transparency on white.
+    rgb = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
     if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
         raise UserError(f"{source}: image is {rgb.shape[1]}x{rgb.shape[0]} px, smaller than {MIN_IMAGE_SIDE} px")
     return rgb
@@ -187,21 +337,12 @@ def load_rgb(source: Any) -> np.ndarray:
 def to_rgb(image: Image.Image) -> np.ndarray:
     """Convert a PIL image of any common mode to a uint8 RGB array (H, W, 3).
 
+    The same conversion as the preprocessors' (:func:`condkit.preprocessors.image.pil_to_array`).
+
     Args:
         image: the image (RGB, RGBA, LA, L, P, CMYK, I;16, I, F ...).
     """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # PIL's convert("RGB") clips 16-bit values at 255; rescale to the full range instead.
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return pil_to_array(image)
 
 
 def resize_and_crop(rgb: np.ndarray, size: int, crop: str, rng: random.Random) -> np.ndarray:
@@ -239,7 +380,7 @@ def to_tensor(rgb: np.ndarray, signed: bool) -> torch.Tensor:
 
 class TrainingSet(torch.utils.data.Dataset):
     """Records turned into tensors: ``pixel_values`` (3, H, W) in [-1, 1], ``caption``,
-    and when present ``condition`` / ``reference`` (3, H, W) in [0, 1].
+    and each per-sample input the sample has (3, H, W) in [0, 1], under its name.
 
     Augmentation (random crop, flip) is drawn from ``(seed, epoch, index)``, so a
     sample is the same after a resume. Index ``i`` with ``flip`` fixed: see
@@ -251,14 +392,18 @@ class TrainingSet(torch.utils.data.Dataset):
         crop: ``center`` or ``random``.
         flip: random horizontal flips.
         seed: recipe seed.
+        inputs: the per-sample inputs to load; default: all the registered kinds declare.
     """
 
-    def __init__(self, records: list[Record], size: int, crop: str, flip: bool, seed: int) -> None:
+    def __init__(
+        self, records: list[Record], size: int, crop: str, flip: bool, seed: int, inputs: tuple[SampleInput, ...] | None = None
+    ) -> None:
         self.records = records
         self.size = size
         self.crop = crop
         self.flip = flip
         self.seed = seed
+        self.inputs = sample_inputs() if inputs is None else tuple(inputs)
         self._preprocessors: dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -275,7 +420,7 @@ class TrainingSet(torch.utils.data.Dataset):
 
         Args:
             index: record index.
-            flip: mirror the image (and its condition/reference) horizontally.
+            flip: mirror the image (and its inputs) horizontally.
             rng: random source for the crop; center crops ignore it.
         """
         record = self.records[index]
@@ -283,31 +428,47 @@ class TrainingSet(torch.utils.data.Dataset):
         crop_state = rng.getstate()
         original = load_rgb(record.image)
         image = resize_and_crop(original, self.size, self.crop, rng)
-        sample: dict[str, Any] = {"caption": record.caption}
-        condition = None
-        if record.condition is not None:
-            condition_rgb = load_rgb(record.condition)
-            if condition_rgb.shape[:2] != original.shape[:2]:
-                raise UserError(
-                    f"{record.condition}: condition map is {condition_rgb.shape[1]}x{condition_rgb.shape[0]} px but its image "
-                    f"{record.image} is {original.shape[1]}x{original.shape[0]} px"
-                )
-            rng.setstate(crop_state)  # the same crop as the image
-            condition = resize_and_crop(condition_rgb, self.size, self.crop, rng)
-        elif record.condition_preprocessor:
-            condition = self._preprocess(record.condition_preprocessor, image)
-        reference = None
-        if record.reference is not None:
-            reference = resize_and_crop(load_rgb(record.reference), self.size, "center", rng)
+        loaded = {}
+        for declared in self.inputs:
+            value = self._load_input(record, declared, original, image, rng, crop_state)
+            if value is not None:
+                loaded[declared.name] = value
         if flip:
             image = image[:, ::-1]
-            condition = condition[:, ::-1] if condition is not None else None
-            reference = reference[:, ::-1] if reference is not None else None
-        sample["pixel_values"] = to_tensor(image, signed=True)  # (3, H, W) in [-1, 1]
-        if condition is not None:
-            sample["condition"] = to_tensor(condition, signed=False)  # (3, H, W) in [0, 1]
-        sample["reference"] = to_tensor(reference if reference is not None else image, signed=False)
+            loaded = {name: value[:, ::-1] for name, value in loaded.items()}
+        sample: dict[str, Any] = {"caption": record.caption, "pixel_values": to_tensor(image, signed=True)}  # (3, H, W) in [-1, 1]
+        for name, value in loaded.items():
+            sample[name] = to_tensor(value, signed=False)  # (3, H, W) in [0, 1]
         return sample
+
+    def _load_input(
+        self, record: Record, declared: SampleInput, original: np.ndarray, image: np.ndarray, rng: random.Random, crop_state: Any
+    ) -> np.ndarray | None:
+        """One per-sample input, cropped (before any flip), or None when the sample has none.
+
+        Args:
+            record: the sample's record.
+            declared: the input's declaration.
+            original: the sample's image before cropping (an aligned input must match its size).
+            image: the cropped image (preprocessors and ``default_to_image`` start from it).
+            rng: the sample's random source.
+            crop_state: ``rng``'s state before the image's crop (an aligned input repeats it).
+        """
+        source = record.inputs.get(declared.name)
+        if source is None:
+            if declared.name in record.preprocessors:
+                return self._preprocess(record.preprocessors[declared.name], image)
+            return image if declared.default_to_image else None
+        rgb = load_rgb(source)
+        if not declared.aligned:
+            return resize_and_crop(rgb, self.size, "center", rng)
+        if rgb.shape[:2] != original.shape[:2]:
+            raise UserError(
+                f"{source}: {declared.label} is {rgb.shape[1]}x{rgb.shape[0]} px but its image "
+                f"{record.image} is {original.shape[1]}x{original.shape[0]} px"
+            )
+        rng.setstate(crop_state)  # the same crop as the image
+        return resize_and_crop(rgb, self.size, self.crop, rng)
 
     def _preprocess(self, name: str, image: np.ndarray) -> np.ndarray:
         if name not in self._preprocessors:
@@ -323,7 +484,7 @@ class TrainingSet(torch.utils.data.Dataset):
             UserError: naming the first file that cannot be read.
         """
         for record in self.records:
-            for source in (record.image, record.condition, record.reference):
+            for source in (record.image, *record.inputs.values()):
                 if source is not None and not isinstance(source, np.ndarray):
                     load_rgb(source)
 
@@ -331,11 +492,13 @@ class TrainingSet(torch.utils.data.Dataset):
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of samples into a batch (captions stay a list of strings).
 
+    Tensors every sample has (the image and the per-sample inputs) are stacked.
+
     Args:
         samples: items from :class:`TrainingSet`.
     """
     batch: dict[str, Any] = {"caption": [s["caption"] for s in samples]}
-    for key in ("pixel_values", "condition", "reference"):
-        if all(key in s for s in samples):
+    for key in samples[0] if samples else ():
+        if key != "caption" and all(key in s for s in samples):
             batch[key] = torch.stack([s[key] for s in samples])
     return batch

@@ -1,27 +1,43 @@
-"""Frozen encoders: prompts to text embeddings, images to VAE latents."""
+"""Frozen encoders: prompts to U-Net conditioning (through the model family), images to VAE latents."""
 
 from __future__ import annotations
 
 import torch
 
+from condkit.families import Conditioning, family_of
 
-def encode_prompts(base, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
-    """Encode prompts with the base's tokenizer and text encoder.
+
+def encode_conditioning(base, prompts: list[str], device: torch.device | str | None = None) -> Conditioning:
+    """Encode prompts into the U-Net's conditioning, as the base's model family does it.
 
     Args:
         base: a :class:`condkit.base.BaseModel`.
         prompts: b prompts.
-        device: where to run; default the text encoder's device.
+        device: where to run; default the text encoders' device.
 
     Returns:
-        (b, 77, d) last hidden states, as SD's U-Net consumes them. Gradients flow when
-        the text encoder has trainable parameters (text-encoder LoRA).
+        A :class:`condkit.families.Conditioning` of batch b (SD 1.x/2.x: (b, 77, d)
+        hidden states and no extra U-Net arguments). Gradients flow when a text encoder
+        has trainable parameters (text-encoder LoRA).
     """
-    device = device or base.text_encoder.device
-    tokens = base.tokenizer(
-        list(prompts), padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    return base.text_encoder(tokens.input_ids.to(device))[0]  # (b, 77, d)
+    return family_of(base).encode_prompts(base, prompts, device)
+
+
+def encode_prompts(base, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+    """The ``encoder_hidden_states`` part of :func:`encode_conditioning` alone.
+
+    For code that calls an SD 1.x/2.x U-Net directly (metrics, benchmarks); the loop,
+    the cache and validation use the whole conditioning.
+
+    Args:
+        base: a :class:`condkit.base.BaseModel`.
+        prompts: b prompts.
+        device: where to run; default the text encoders' device.
+
+    Returns:
+        (b, tokens, d) hidden states ((b, 77, d) for SD).
+    """
+    return encode_conditioning(base, prompts, device).encoder_hidden_states
 
 
 def latent_distribution(base, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,58 +1,307 @@
 """The one training loop: every adapter kind trains here, through the hooks of
-:class:`condkit.adapters.Adapter`.
+:class:`condkit.adapters.Adapter`, on any base whose model family
+(:mod:`condkit.families`) turns prompts into U-Net conditioning.
 
-Reads top to bottom: set up (accelerate, base, adapters, data, cache, optimizer),
-resume, then for each step: pick the batch, get latents and text embeddings, add
-noise, let the adapters condition the U-Net, take the loss, step; checkpoint,
-validate, log. Every random draw of step ``s`` comes from generators seeded by
-``(seed, s)``, so a resumed run repeats an uninterrupted one exactly.
+Reads top to bottom: :func:`train` holds the output folder and runs four parts around
+one :class:`TrainState`: :func:`_setup` (accelerate, base, adapters, data, cache,
+optimizer, resume), :func:`_train_step` (one optimizer step: pick the batch, get
+latents and the prompt conditioning, add noise, let the adapters condition the U-Net,
+take the loss, step), :func:`_after_step` (log, checkpoint, validate) and
+:func:`_finish` (the adapter, run.json, a last grid). Every random draw of step ``s``
+comes from generators seeded by ``(seed, s)``, so a resumed run repeats an
+uninterrupted one exactly. Callers watch a run through :class:`TrainCallback`
+(``train(..., callbacks=[...])``), never by patching this module.
+
+The output folder belongs to one run at a time: the main process holds an exclusive
+lock on it (``.condkit-train.lock``, released by the kernel when the process dies), so
+a second run into the same folder stops with one line naming the holder. SIGTERM stops
+a run like Ctrl-C (temporary files are removed); temporary files a ``kill -9`` left are
+removed when the next run takes the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import functools
 import hashlib
+import math
+import os
 import random
+import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from condkit.adapters import merge_unet_kwargs
 from condkit.errors import UserError
-from condkit.io import write_json_atomic
+from condkit.families import Conditioning, ModelFamily
+from condkit.io import remove_stale_temporaries, write_json_atomic
 from condkit.train import checkpoint as ckpt
-from condkit.train.cache import EncodedSet, encode_dataset
+from condkit.train.cache import EncodedSet, load_or_encode
+from condkit.train.config import check_validation_files, recipe_values
 from condkit.train.data import TrainingSet, collate, find_records
-from condkit.train.encode import encode_prompts, latent_distribution, sample_latents
+from condkit.train.encode import latent_distribution, sample_latents
 from condkit.train.prior import prior_records
 
 
-def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: bool = False, show_progress: bool = True) -> Path:
+@dataclasses.dataclass
+class TrainState:
+    """One run between steps: everything the parts of the loop share, and callbacks see.
+
+    Callbacks read it; what they change changes the run (e.g. the LR scheduler).
+
+    Attributes:
+        recipe: the validated :class:`condkit.train.config.Recipe`.
+        output_dir: the run's output folder.
+        accelerator: the run's ``accelerate.Accelerator``.
+        base: the base model, frozen, with every adapter attached.
+        family: the base's model family (how captions become U-Net conditioning).
+        adapter: the adapter being trained.
+        adapters: every attached adapter: the frozen ones first, ``adapter`` last.
+        params: the trainable parameters by name (checkpoints store them by these names).
+        optimizer: the optimizer (wrapped by accelerate; ``.optimizer`` is torch's).
+        lr_scheduler: the learning-rate schedule.
+        noise_scheduler: the DDPM scheduler noise is added with.
+        dataset: the training images.
+        cache: their encodings when cached, else None.
+        class_set: prior-preservation images (``data.prior_prompt``), or None.
+        class_cache: their encodings when cached, else None.
+        empty: the empty prompt's conditioning (batch 1), for caption dropout.
+        weight_dtype: the dtype of the frozen weights (mixed precision).
+        trains_text_encoder: a text encoder has trainable parameters (captions are then
+            encoded every step, with gradients).
+        checkpoint_state: what every checkpoint's ``state.json`` records.
+        start_step: the step the run started (or resumed) from.
+        step: optimizer steps completed.
+        loss: the mean loss of the latest step's micro-batches (NaN if it was skipped).
+        skipped: steps skipped for a non-finite loss (``train.on_nonfinite_loss: skip``).
+        started: ``time.perf_counter()`` at the first step.
+    """
+
+    recipe: Any
+    output_dir: Path
+    accelerator: Any
+    base: Any
+    family: ModelFamily
+    adapter: Any
+    adapters: list
+    params: dict[str, torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    noise_scheduler: Any
+    dataset: TrainingSet
+    cache: EncodedSet | None
+    class_set: TrainingSet | None
+    class_cache: EncodedSet | None
+    empty: Conditioning
+    weight_dtype: torch.dtype
+    trains_text_encoder: bool
+    checkpoint_state: dict
+    start_step: int = 0
+    step: int = 0
+    loss: float = math.nan
+    skipped: int = 0
+    started: float = 0.0
+    window_losses: list[float] = dataclasses.field(default_factory=list)  # since the last log line
+    window_start: float = 0.0
+
+    @property
+    def parameter_list(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters in the adapter's order (optimizer, all-reduce, clipping)."""
+        return list(self.params.values())
+
+
+class TrainCallback:
+    """Watch or steer a run: pass instances as ``train(..., callbacks=[...])``.
+
+    Override what you need; each method gets the :class:`TrainState`. Called in every
+    process of a multi-process run (check ``state.accelerator.is_main_process``).
+    Benchmarks time steps with ``on_step_end``; tests read the state there.
+    """
+
+    def on_setup_end(self, state: TrainState) -> None:
+        """After setup and any resume, before the first step (``state.step == state.start_step``)."""
+
+    def on_step_end(self, state: TrainState) -> None:
+        """After each optimizer step and its logging, checkpoint and validation (``state.step`` done)."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """After the adapter, ``run.json`` and the last validation grid are written."""
+
+
+def train(
+    recipe,
+    output_dir: str | Path,
+    resume: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    callbacks: Iterable[TrainCallback] = (),
+    base=None,
+) -> Path:
     """Train the recipe's adapter and save it to ``output_dir``.
 
     Args:
         recipe: a validated :class:`condkit.train.config.Recipe`.
         output_dir: where checkpoints, logs, validation grids and the final adapter go.
         resume: ``latest`` or a checkpoint folder, to continue a run.
-        overwrite: allow an existing, non-empty ``output_dir`` without ``resume``.
+        overwrite: allow an existing, non-empty ``output_dir`` without ``resume``; the
+            earlier run's checkpoints there are removed.
         show_progress: draw a progress bar (main process only).
+        callbacks: :class:`TrainCallback` objects (any object with some of its methods).
+        base: an already loaded :class:`condkit.base.BaseModel` to train on instead of
+            loading ``recipe.base`` (notebooks, benchmarks); it must be that base.
 
     Returns:
         The output folder.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration, gather_object
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
 
-    from condkit.adapters import get_adapter_class, load_adapter, merge_unet_kwargs
+    Raises:
+        UserError: bad input, another run holding ``output_dir``, a checkpoint that is
+            damaged or made by other settings, or a failed save (one line each).
+    """
+    output_dir = Path(output_dir)
+    check_validation_files(recipe)
+    _check_output_dir(output_dir, resume, overwrite)
+    callbacks = list(callbacks)
+    with contextlib.ExitStack() as hold, _sigterm_stops_the_run():
+        state = _setup(recipe, output_dir, resume, overwrite, hold, base)
+        _notify(callbacks, "on_setup_end", state)
+        cfg = recipe.train
+        progress = _progress_bar(cfg.max_steps, state.start_step, enabled=show_progress and state.accelerator.is_main_process)
+        state.started = state.window_start = time.perf_counter()
+        for step in range(state.start_step, cfg.max_steps):
+            _train_step(state, step)
+            state.step = step + 1
+            progress.update(1)
+            _after_step(state, progress)
+            _notify(callbacks, "on_step_end", state)
+        progress.close()
+        _finish(state)
+        _notify(callbacks, "on_train_end", state)
+        state.accelerator.end_training()
+    return output_dir
+
+
+def _notify(callbacks: list, event: str, state: TrainState) -> None:
+    """Call ``event`` (e.g. ``on_step_end``) on every callback that has it."""
+    for callback in callbacks:
+        method = getattr(callback, event, None)
+        if method is not None:
+            method(state)
+
+
+# ---- setup ---------------------------------------------------------------------------
+def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: contextlib.ExitStack, base) -> TrainState:
+    """Everything before the first step; a bad input or checkpoint stops here, before work.
+
+    Args:
+        recipe: the validated recipe.
+        output_dir: the run's output folder (locked into ``hold``).
+        resume: ``--resume``, if given.
+        overwrite: ``--overwrite``.
+        hold: keeps the output folder's lock until the run ends.
+        base: a loaded base to use instead of ``recipe.base``, or None.
+    """
+    from accelerate.utils import gather_object
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    from condkit.adapters import get_adapter_class, load_adapter
     from condkit.base import load_base
 
-    output_dir = Path(output_dir)
     cfg, data_cfg = recipe.train, recipe.data
-    _check_output_dir(output_dir, resume, overwrite)
+    accelerator = _make_accelerator(cfg, output_dir)
+    _claim_output(accelerator, output_dir, resume, overwrite, hold, gather_object)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+
+    # ---- the base, frozen; the adapter to train; frozen adapters for composition ----
+    torch.manual_seed(recipe.seed)  # adapter initialisation (e.g. LoRA A matrices)
+    base = base if base is not None else load_base(recipe.base, recipe.base_config or None)
+    family = base.family
+    run_values = {**recipe_values(recipe), "base_fingerprint": base.fingerprint()}
+    checkpoint = None
+    if resume:  # read and checked whole before any work: a damaged or foreign checkpoint stops here
+        checkpoint = ckpt.read_checkpoint(ckpt.resolve_resume(output_dir, resume))
+        ckpt.check_resumable(checkpoint, run_values, cfg.max_steps)
+    if accelerator.device.type != "cpu" or weight_dtype != torch.float32:  # a no-op .to() still makes diffusers warn
+        base.to(accelerator.device, dtype=weight_dtype)
+    frozen_adapters = [load_adapter(path, base) for path in recipe.frozen_adapters]
+    adapter_cls = get_adapter_class(recipe.adapter.kind)
+    records = find_records(data_cfg, adapter_cls, recipe.seed)
+    class_records = prior_records(data_cfg, base, output_dir, recipe.seed) if data_cfg.prior_prompt else []
+    adapter = adapter_cls(recipe.adapter.config, name="default")
+    adapter.attach(base)
+    all_adapters = [*frozen_adapters, adapter]
+    params = _named_trainable_parameters(adapter, base, family)
+    text_encoders = list(family.text_encoders(base).values())
+    for module in [base.unet, *text_encoders, *adapter.trainable_modules()]:
+        cast_training_params(module, dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
+    if cfg.gradient_checkpointing:
+        for module in [base.unet, *adapter.trainable_modules()]:
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+        base.unet.train()  # diffusers only checkpoints in train mode; SD has no dropout to worry about
+    for module in adapter.trainable_modules():
+        module.train()
+    trains_text_encoder = any(p.requires_grad for encoder in text_encoders for p in encoder.parameters())
+    for encoder in text_encoders if trains_text_encoder else []:
+        encoder.train()
+
+    # ---- data: records -> tensors; encoded once when nothing upstream trains ----
+    size = data_cfg.resolution or base.resolution
+    if size % base.vae_scale_factor:
+        raise UserError(f"data.resolution = {size} must be a multiple of the VAE factor {base.vae_scale_factor}")
+    dataset = TrainingSet(records, size, data_cfg.crop, data_cfg.flip, recipe.seed)
+    class_set = TrainingSet(class_records, size, "center", data_cfg.flip, recipe.seed + 1) if class_records else None
+    dataset.check_all()  # a corrupt image fails now, before any work
+    cache = class_cache = None
+    if data_cfg.cache != "off" and data_cfg.crop == "center":
+        is_main = accelerator.is_main_process
+        cache = _load_or_encode(dataset, base, all_adapters, output_dir, data_cfg, not trains_text_encoder, "data", is_main)
+        if class_set is not None:
+            class_cache = _load_or_encode(class_set, base, all_adapters, output_dir, data_cfg, not trains_text_encoder, "prior", is_main)
+    empty = family.encode_prompts(base, [""]).map(lambda t: t.detach().float())  # batch 1, for caption dropout
+
+    # ---- optimizer and schedule ----
+    param_groups = adapter.parameter_groups(cfg.learning_rate, cfg.text_encoder_learning_rate or cfg.learning_rate)
+    optimizer = _make_optimizer(cfg, param_groups)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+    )
+    # Only the optimizer goes through accelerate (fp16 loss scaling); a prepared scheduler
+    # would step once per process, and gradients are averaged by hand (_all_reduce_gradients).
+    optimizer = accelerator.prepare(optimizer)
+
+    start_step = 0
+    if checkpoint is not None:  # parameters and optimizer state are matched by name
+        ckpt.restore_checkpoint(checkpoint, params, optimizer.optimizer, lr_scheduler)
+        start_step = checkpoint.step
+        accelerator.print(f"condkit: resumed from {checkpoint.path} at step {start_step}")
+    checkpoint_state = {"seed": recipe.seed, "recipe": recipe.source, "recipe_values": run_values,
+                        "cache": str(output_dir / "cache") if data_cfg.cache == "disk" else ""}
+    return TrainState(
+        recipe=recipe, output_dir=output_dir, accelerator=accelerator, base=base, family=family, adapter=adapter,
+        adapters=all_adapters, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        noise_scheduler=base.noise_scheduler(), dataset=dataset, cache=cache, class_set=class_set, class_cache=class_cache,
+        empty=empty, weight_dtype=weight_dtype, trains_text_encoder=trains_text_encoder, checkpoint_state=checkpoint_state,
+        start_step=start_step, step=start_step,
+    )
+
+
+def _make_accelerator(cfg, output_dir: Path):
+    """The run's ``Accelerator`` (mixed precision, TensorBoard logging), refusing setups condkit cannot run."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
     # accelerate keeps its settings (mixed precision, ...) in a process-wide singleton;
@@ -71,168 +320,211 @@ def train(recipe, output_dir: str | Path, resume: str | None = None, overwrite: 
             f"{accelerator.distributed_type.name} is not supported yet: condkit averages adapter gradients itself; "
             "use a multi-process (DDP) config such as recipes/accelerate/multi-gpu.yaml"
         )
-    device, is_main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    return accelerator
 
-    # ---- the base, frozen; the adapter to train; frozen adapters for composition ----
-    torch.manual_seed(recipe.seed)  # adapter initialisation (e.g. LoRA A matrices)
-    base = load_base(recipe.base, recipe.base_config or None)
-    if device.type != "cpu" or weight_dtype != torch.float32:  # a no-op .to() still makes diffusers warn
-        base.to(device, dtype=weight_dtype)
-    frozen_adapters = [load_adapter(path, base) for path in recipe.frozen_adapters]
-    records = find_records(data_cfg, get_adapter_class(recipe.adapter.kind), recipe.seed)
-    class_records = prior_records(data_cfg, base, output_dir, recipe.seed) if data_cfg.prior_prompt else []
-    adapter_cls = get_adapter_class(recipe.adapter.kind)
-    adapter = adapter_cls(recipe.adapter.config, name="default")
-    adapter.attach(base)
-    all_adapters = [*frozen_adapters, adapter]
-    params = adapter.trainable_parameters()
-    for module in [base.unet, base.text_encoder, *adapter.trainable_modules()]:
-        cast_training_params(module, dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
-    if cfg.gradient_checkpointing:
-        for module in [base.unet, *adapter.trainable_modules()]:
-            if hasattr(module, "enable_gradient_checkpointing"):
-                module.enable_gradient_checkpointing()
-        base.unet.train()  # diffusers only checkpoints in train mode; SD has no dropout to worry about
-    for module in adapter.trainable_modules():
-        module.train()
-    trains_text_encoder = any(p.requires_grad for p in base.text_encoder.parameters())
-    if trains_text_encoder:
-        base.text_encoder.train()
 
-    # ---- data: records -> tensors; encoded once when nothing upstream trains ----
-    size = data_cfg.resolution or base.resolution
-    if size % base.vae_scale_factor:
-        raise UserError(f"data.resolution = {size} must be a multiple of the VAE factor {base.vae_scale_factor}")
-    dataset = TrainingSet(records, size, data_cfg.crop, data_cfg.flip, recipe.seed)
-    class_set = TrainingSet(class_records, size, "center", data_cfg.flip, recipe.seed + 1) if class_records else None
-    dataset.check_all()  # a corrupt image fails now, before any work
-    use_cache = data_cfg.cache != "off" and data_cfg.crop == "center"
-    cache = class_cache = None
-    if use_cache:
-        cache = _load_or_encode(dataset, base, all_adapters, output_dir, data_cfg, not trains_text_encoder, "data", is_main)
-        if class_set is not None:
-            class_cache = _load_or_encode(class_set, base, all_adapters, output_dir, data_cfg, not trains_text_encoder, "prior", is_main)
-    empty_text = encode_prompts(base, [""]).detach().float()  # (1, 77, d), for caption dropout
+def _named_trainable_parameters(adapter, base, family: ModelFamily) -> dict[str, torch.nn.Parameter]:
+    """The adapter's trainable parameters by where they live, in the adapter's order.
 
-    # ---- optimizer and schedule ----
-    param_groups = adapter.parameter_groups(cfg.learning_rate, cfg.text_encoder_learning_rate or cfg.learning_rate)
-    optimizer = _make_optimizer(cfg, param_groups)
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
-    )
-    # Only the optimizer goes through accelerate (fp16 loss scaling); a prepared scheduler
-    # would step once per process, and gradients are averaged by hand below.
-    optimizer = accelerator.prepare(optimizer)
-    noise_scheduler = base.noise_scheduler()
-    prediction_type = noise_scheduler.config.prediction_type
+    A parameter is named by its path in the U-Net (``unet.``), a text encoder
+    (``text_encoder.``, as the family names them) or one of the adapter's own modules
+    (``adapter0.``, ...), so a checkpoint finds each again whatever order the adapter
+    lists them in after a restart. One found nowhere is named by its position.
 
-    start_step = 0
-    if resume:
-        checkpoint_dir = ckpt.resolve_resume(output_dir, resume)
-        start_step = ckpt.load_checkpoint(checkpoint_dir, params, optimizer.optimizer, lr_scheduler)["step"]
-        accelerator.print(f"condkit: resumed from {checkpoint_dir} at step {start_step}")
-    if is_main:
-        accelerator.init_trackers("condkit")
+    Args:
+        adapter: the attached adapter being trained.
+        base: the base it is attached to.
+        family: the base's model family.
+    """
+    owners = {"unet": base.unet, **family.text_encoders(base)}
+    owners.update({f"adapter{i}": module for i, module in enumerate(adapter.trainable_modules())})
+    name_of: dict[int, str] = {}
+    for prefix, module in owners.items():
+        for name, param in module.named_parameters():
+            name_of.setdefault(id(param), f"{prefix}.{name}")
+    named: dict[str, torch.nn.Parameter] = {}
+    for position, param in enumerate(adapter.trainable_parameters()):
+        named.setdefault(name_of.get(id(param), f"unregistered.{position:05d}"), param)
+    return named
 
-    progress = _progress_bar(cfg.max_steps, start_step, enabled=show_progress and is_main)
-    window_loss, window_start, skipped, started = [], time.perf_counter(), 0, time.perf_counter()
-    for step in range(start_step, cfg.max_steps):
-        for micro in range(cfg.gradient_accumulation_steps):
-            # Everything random in this micro-step comes from (seed, step, micro, rank).
-            generator = torch.Generator().manual_seed(_mix(recipe.seed, step, micro, accelerator.process_index))
-            torch.manual_seed(_mix(recipe.seed, step, micro, accelerator.process_index, 1))  # LoRA dropout etc.
-            positions = _batch_positions(step * cfg.gradient_accumulation_steps + micro, cfg.batch_size, world, accelerator.process_index)
-            batch = _get_batch(dataset, cache, positions, base, all_adapters, generator, trains_text_encoder)
-            if class_set is not None:
-                class_batch = _get_batch(class_set, class_cache, positions, base, all_adapters, generator, trains_text_encoder)
-                batch = {k: _concat(batch[k], class_batch[k]) for k in batch}
-            latents = batch["latents"].to(device, weight_dtype)  # (b, 4, h/f, w/f)
-            text_embeds = batch["text_embeds"].to(device)  # (b, 77, d)
-            extras = {k: v.to(device) for k, v in batch["extras"].items()}
 
-            # Forward diffusion: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a random t.
-            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            if cfg.noise_offset:
-                offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device, latents.dtype)
-                noise = noise + cfg.noise_offset * offset  # (b, 4, 1, 1) broadcast: shifts mean brightness
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+# ---- one step ------------------------------------------------------------------------
+def _train_step(state: TrainState, step: int) -> None:
+    """One optimizer step: ``gradient_accumulation_steps`` micro-batches, then the update.
 
-            # Condition dropout (text; the adapter may drop its own conditions jointly).
-            text_embeds, extras = adapter.drop_conditions(text_embeds, extras, empty_text.to(device), data_cfg.caption_dropout, generator)
-            with accelerator.autocast():
-                unet_kwargs = merge_unet_kwargs([a.unet_kwargs(noisy_latents, timesteps, text_embeds.to(weight_dtype), extras) for a in all_adapters])
-                prediction = base.unet(noisy_latents, timesteps, text_embeds.to(weight_dtype), **unet_kwargs).sample
-            loss = _diffusion_loss(prediction.float(), target.float(), timesteps, noise_scheduler, cfg.snr_gamma, prediction_type, compute_snr)
-            if class_set is not None:  # first half: instance images, second half: class images
-                loss = loss[: len(loss) // 2].mean() + data_cfg.prior_loss_weight * loss[len(loss) // 2 :].mean()
-            else:
-                loss = loss.mean()
-            if not torch.isfinite(loss):
-                if cfg.on_nonfinite_loss == "skip":
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    break
-                last = ckpt.list_checkpoints(output_dir)
-                raise UserError(
-                    f"step {step + 1}: loss is {loss.item()} (not finite); stopped. "
-                    + (f"Last good checkpoint: {last[-1]}" if last else "No checkpoint was saved yet (train.checkpoint_every)")
-                )
-            accelerator.backward(loss / cfg.gradient_accumulation_steps)
-            window_loss.append(loss.item())
-        else:
-            # All micro-steps done: average gradients across processes, clip, step.
-            _all_reduce_gradients(params, world)
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    A non-finite loss skips the whole step (``train.on_nonfinite_loss: skip``) or stops
+    the run naming the last good checkpoint.
 
-        done = step + 1
-        progress.update(1)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            mean_loss = sum(window_loss) / max(1, len(window_loss))
-            accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "steps_per_second": len(window_loss) / cfg.gradient_accumulation_steps / max(elapsed, 1e-9), "skipped_steps": skipped}, step=done)
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
-            window_loss, window_start = [], time.perf_counter()
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            accelerator.wait_for_everyone()
-            if is_main:
-                state = {"seed": recipe.seed, "recipe": recipe.source, "cache": str(output_dir / "cache") if data_cfg.cache == "disk" else ""}
-                ckpt.save_checkpoint(output_dir, done, params, optimizer.optimizer, lr_scheduler, state, cfg.keep_checkpoints)
-        if recipe.validation.every and done % recipe.validation.every == 0 and done < cfg.max_steps and is_main:
-            _validate(adapter, base, recipe, output_dir, done, accelerator)
-    progress.close()
+    Args:
+        state: the run.
+        step: the step's index (0-based; ``state.step`` steps are done).
+    """
+    cfg = state.recipe.train
+    state.loss = math.nan
+    losses = []
+    for micro in range(cfg.gradient_accumulation_steps):
+        loss = _micro_batch_loss(state, step, micro)
+        if not torch.isfinite(loss):
+            if cfg.on_nonfinite_loss == "skip":
+                state.skipped += 1
+                state.optimizer.zero_grad(set_to_none=True)
+                return
+            last = ckpt.list_checkpoints(state.output_dir)
+            raise UserError(
+                f"step {step + 1}: loss is {loss.item()} (not finite); stopped. "
+                + (f"Last good checkpoint: {last[-1]}" if last else "No checkpoint was saved yet (train.checkpoint_every)")
+            )
+        state.accelerator.backward(loss / cfg.gradient_accumulation_steps)
+        losses.append(loss.item())
+        state.window_losses.append(losses[-1])
+    # All micro-batches done: average gradients across processes, clip, step.
+    params = state.parameter_list
+    _all_reduce_gradients(params, state.accelerator.num_processes)
+    if cfg.max_grad_norm:
+        state.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.loss = sum(losses) / len(losses)
 
-    # ---- the result: the adapter in its export formats, and a last validation grid ----
+
+def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
+    """The diffusion loss of one micro-batch (a scalar, not yet divided for accumulation)."""
+    recipe, accelerator, base, adapter = state.recipe, state.accelerator, state.base, state.adapter
+    cfg, data_cfg, device = recipe.train, recipe.data, accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # Everything random in this micro-batch comes from (seed, step, micro, rank).
+    generator = torch.Generator().manual_seed(_mix(recipe.seed, step, micro, rank))
+    torch.manual_seed(_mix(recipe.seed, step, micro, rank, 1))  # LoRA dropout etc.
+    positions = _batch_positions(step * cfg.gradient_accumulation_steps + micro, cfg.batch_size, world, rank)
+    batch = _get_batch(state, state.dataset, state.cache, positions, generator)
+    if state.class_set is not None:  # prior preservation: class images make the second half
+        class_batch = _get_batch(state, state.class_set, state.class_cache, positions, generator)
+        batch = {k: _concat(batch[k], class_batch[k]) for k in batch}
+    latents = batch["latents"].to(device, state.weight_dtype)  # (b, 4, h/f, w/f)
+    conditioning = batch["conditioning"].to(device)  # the family's: SD (b, 77, d) hidden states
+    extras = {k: v.to(device) for k, v in batch["extras"].items()}
+
+    # Forward diffusion: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a timestep the adapter picks
+    # (uniform by default; e.g. cubic, mostly high noise, for structure adapters).
+    noise_scheduler = state.noise_scheduler
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    if cfg.noise_offset:
+        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device, latents.dtype)
+        noise = noise + cfg.noise_offset * offset  # (b, 4, 1, 1) broadcast: shifts mean brightness
+    timesteps = adapter.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator).to(device)  # (b,)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    epsilon = noise_scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
+
+    # Condition dropout (the prompt; the adapter may drop its own conditions jointly).
+    conditioning, extras = adapter.drop_conditions(conditioning, extras, state.empty.to(device), data_cfg.caption_dropout, generator)
+    with accelerator.autocast():
+        conditioning = conditioning.to(dtype=state.weight_dtype)
+        hidden = conditioning.encoder_hidden_states  # (b, tokens, d)
+        # The family's own U-Net arguments (SDXL: pooled text, size ids) merge with the adapters'.
+        unet_kwargs = merge_unet_kwargs([dict(conditioning.unet_kwargs), *(a.unet_kwargs(noisy_latents, timesteps, hidden, extras) for a in state.adapters)])
+        prediction = base.unet(noisy_latents, timesteps, hidden, **unet_kwargs).sample
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))  # (b,)
+    weights = adapter.loss_weights(timesteps, noise_scheduler, cfg.snr_gamma)  # (b,) min-SNR by default, or None
+    if weights is not None:
+        loss = loss * weights
+    if state.class_set is not None:  # first half: instance images, second half: class images
+        return loss[: len(loss) // 2].mean() + data_cfg.prior_loss_weight * loss[len(loss) // 2 :].mean()
+    return loss.mean()
+
+
+# ---- log, checkpoint, validate -------------------------------------------------------
+def _after_step(state: TrainState, progress) -> None:
+    """After step ``state.step``: log every ``log_every``, checkpoint and validate when due."""
+    recipe, accelerator, done = state.recipe, state.accelerator, state.step
+    cfg = recipe.train
+    if done % cfg.log_every == 0 or done == cfg.max_steps:
+        elapsed = time.perf_counter() - state.window_start
+        mean_loss = sum(state.window_losses) / max(1, len(state.window_losses))
+        steps_per_second = len(state.window_losses) / cfg.gradient_accumulation_steps / max(elapsed, 1e-9)
+        accelerator.log({"loss": mean_loss, "lr": state.lr_scheduler.get_last_lr()[0], "steps_per_second": steps_per_second,
+                         "skipped_steps": state.skipped}, step=done)
+        progress.set_postfix(loss=f"{mean_loss:.4f}")
+        state.window_losses, state.window_start = [], time.perf_counter()
+    if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.save_checkpoint(state.output_dir, done, state.params, state.optimizer.optimizer, state.lr_scheduler,
+                                 state.checkpoint_state, cfg.keep_checkpoints)
+    if recipe.validation.every and done % recipe.validation.every == 0 and done < cfg.max_steps and accelerator.is_main_process:
+        try:
+            _validate(state, done)
+        except UserError as exc:  # e.g. a full disk: say where the weights are
+            raise UserError(f"{exc}; {_newest_checkpoint_note(state.output_dir)}") from None
+
+
+# ---- finish --------------------------------------------------------------------------
+def _finish(state: TrainState) -> None:
+    """The result: the adapter in its export formats, then run.json, then a last validation grid."""
+    from accelerate.utils import gather_object
+
+    recipe, accelerator, output_dir, cfg = state.recipe, state.accelerator, state.output_dir, state.recipe.train
     accelerator.wait_for_everyone()
-    rank_digests = gather_object([_parameter_digest(params)])  # every rank must hold the same weights
-    if is_main:
-        write_json_atomic(
-            output_dir / "run.json",
-            {
-                "kind": recipe.adapter.kind,
-                "recipe": recipe.source,
-                "steps": cfg.max_steps,
-                "resumed_from_step": start_step,
-                "world_size": world,
-                "skipped_steps": skipped,
-                "seconds": round(time.perf_counter() - started, 2),
-                "parameter_digest_per_rank": rank_digests,
-            },
-        )
-        base.unet.eval()
-        for module in adapter.trainable_modules():
-            module.eval()
-        adapter.save(output_dir)
-        if recipe.validation.prompts or recipe.validation.images:
-            _validate(adapter, base, recipe, output_dir, cfg.max_steps, accelerator)
-    accelerator.end_training()
-    return output_dir
+    rank_digests = gather_object([_parameter_digest(state.parameter_list)])  # every rank must hold the same weights
+    if not accelerator.is_main_process:
+        return
+    state.base.unet.eval()
+    for module in state.adapter.trainable_modules():
+        module.eval()
+    try:
+        state.adapter.save(output_dir)
+    except UserError as exc:  # e.g. a full disk: keep the trained weights recoverable
+        note = _save_last_checkpoint(output_dir, cfg, state.params, state.optimizer.optimizer, state.lr_scheduler, state.checkpoint_state)
+        raise UserError(f"the adapter was not saved: {exc}; {note}") from None
+    # Written after the result, so run.json never claims steps whose result is missing.
+    write_json_atomic(
+        output_dir / "run.json",
+        {
+            "kind": recipe.adapter.kind,
+            "recipe": recipe.source,
+            "steps": cfg.max_steps,
+            "resumed_from_step": state.start_step,
+            "world_size": accelerator.num_processes,
+            "skipped_steps": state.skipped,
+            "seconds": round(time.perf_counter() - state.started, 2),
+            "parameter_digest_per_rank": rank_digests,
+        },
+    )
+    if recipe.validation.prompts or recipe.validation.images:
+        try:
+            _validate(state, cfg.max_steps)
+        except UserError as exc:
+            raise UserError(f"{exc}; the adapter itself is saved in {output_dir}") from None
+
+
+def _save_last_checkpoint(output_dir: Path, cfg, params, optimizer, lr_scheduler, state: dict) -> str:
+    """After a failed adapter save: checkpoint the final weights if possible; say where they are.
+
+    Args:
+        output_dir: the run's output folder.
+        cfg: the recipe's ``train`` section.
+        params: the trainable parameters by name.
+        optimizer: the (unwrapped) optimizer.
+        lr_scheduler: the LR scheduler.
+        state: the checkpoint state of this run.
+
+    Returns:
+        The second half of the error message: which checkpoint holds which weights.
+    """
+    try:
+        path = ckpt.save_checkpoint(output_dir, cfg.max_steps, params, optimizer, lr_scheduler, state, cfg.keep_checkpoints)
+    except UserError:
+        return _newest_checkpoint_note(output_dir)
+    return f"the trained weights are in {path}: make room, then --resume latest writes the adapter"
+
+
+def _newest_checkpoint_note(output_dir: Path) -> str:
+    """Where a stopped run can be continued from, for error messages."""
+    found = ckpt.list_checkpoints(output_dir)
+    if not found:
+        return "no checkpoint was saved (train.checkpoint_every); the weights of this run are lost"
+    return f"the newest checkpoint is {found[-1]}: make room, then --resume latest continues from it"
 
 
 def _parameter_digest(params: list[torch.nn.Parameter]) -> str:
@@ -243,11 +535,116 @@ def _parameter_digest(params: list[torch.nn.Parameter]) -> str:
     return digest.hexdigest()
 
 
+LOCK_FILE = ".condkit-train.lock"
+# Where a run writes besides the output folder itself: stale temporaries are looked for only
+# here, never in folders of the user's that --output may point at.
+RUN_SUBFOLDERS = (ckpt.CHECKPOINT_DIR, "validation", "cache", "class_images")
+
+
 def _check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse a file as ``--output``, or a run's folder without ``--resume``/``--overwrite``."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output {output_dir}: exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (resume or overwrite):
+    used = output_dir.is_dir() and any(p.name != LOCK_FILE for p in output_dir.iterdir())
+    if used and not (resume or overwrite):
         raise UserError(f"--output {output_dir}: folder exists and is not empty (use --resume latest to continue, or --overwrite)")
+
+
+def _claim_output(accelerator, output_dir: Path, resume: str | None, overwrite: bool, hold: contextlib.ExitStack, gather_object) -> None:
+    """Lock the output folder (main process) and make it ready; every rank stops on a failure.
+
+    Ready means: writable (checked now, not after hours of encoding), no temporary files
+    of an interrupted run, no checkpoints of an earlier run when ``--overwrite`` starts
+    afresh (so ``--resume latest`` cannot continue it), and the log writer open.
+
+    Args:
+        accelerator: the run's accelerator.
+        output_dir: the run's output folder.
+        resume: ``--resume``, if given.
+        overwrite: ``--overwrite``.
+        hold: keeps the lock until the run ends.
+        gather_object: accelerate's ``gather_object`` (shares the outcome with every rank).
+    """
+    problem = ""
+    if accelerator.is_main_process:
+        try:
+            hold.enter_context(lock_output(output_dir))
+            removed = [p for folder in (output_dir, *(output_dir / name for name in RUN_SUBFOLDERS)) for p in remove_stale_temporaries(folder)]
+            if removed:
+                accelerator.print(f"condkit: removed {len(removed)} temporary file(s) of an interrupted run in {output_dir}")
+            if overwrite and not resume and (output_dir / ckpt.CHECKPOINT_DIR).exists():
+                shutil.rmtree(output_dir / ckpt.CHECKPOINT_DIR)
+                accelerator.print(f"condkit: --overwrite: removed the earlier run's checkpoints in {output_dir}")
+            try:
+                accelerator.init_trackers("condkit")
+            except OSError as exc:
+                raise UserError(f"{output_dir / 'logs'}: cannot write the TensorBoard log ({exc.strerror or exc})") from None
+        except UserError as exc:
+            problem = str(exc)
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        raise UserError(problems[0])
+
+
+@contextlib.contextmanager
+def lock_output(output_dir: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a run's output folder while the context is open.
+
+    ``flock`` on ``OUTPUT/.condkit-train.lock``: the kernel drops it when the holder
+    exits or is killed, so a stale lock never blocks. The file records the holder's pid
+    and host for the message another run gets.
+
+    Args:
+        output_dir: the folder (created if missing).
+
+    Raises:
+        UserError: the folder is not writable, or another run holds it (named).
+    """
+    path = output_dir / LOCK_FILE
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"--output {output_dir}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise UserError(f"--output {output_dir}: another training run is using it ({holder}); wait for it to end or choose another --output") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as exc:
+            raise UserError(f"--output {output_dir}: cannot write there ({exc.strerror or exc})") from None
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_run() -> Iterator[None]:
+    """While open, SIGTERM stops the run like Ctrl-C: cleanup code runs, exit code 143.
+
+    Python's default for SIGTERM ends the process at once, leaving the hidden temporary
+    files of a write in progress; as an exception it unwinds through the atomic writers,
+    which remove them. A second SIGTERM during that cleanup ends the process at once.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL  # None: set outside Python
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print("condkit: stopped by SIGTERM; --resume latest continues from the newest checkpoint", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _mix(*numbers: int) -> int:
@@ -276,8 +673,13 @@ def _epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
-def _get_batch(dataset: TrainingSet, cache: EncodedSet | None, positions: list[int], base, adapters, generator, trains_text_encoder: bool) -> dict:
-    """Latents, text embeddings and adapter extras for the samples at ``positions``."""
+def _get_batch(state: TrainState, dataset: TrainingSet, cache: EncodedSet | None, positions: list[int], generator) -> dict:
+    """Latents, prompt conditioning and adapter extras for the samples at ``positions``.
+
+    Returns:
+        ``latents`` (b, 4, h/f, w/f), ``conditioning`` (the family's, batch b) and
+        ``extras`` (name -> (b, ...)).
+    """
     n = len(dataset)
     indices, epochs = [], []
     for position in positions:
@@ -285,26 +687,30 @@ def _get_batch(dataset: TrainingSet, cache: EncodedSet | None, positions: list[i
         indices.append(_epoch_order(n, epoch, dataset.seed)[position % n])
         epochs.append(epoch)
     flips = [dataset.flip and random.Random(hash((dataset.seed, e, i))).random() < 0.5 for i, e in zip(indices, epochs)]
+    base, family = state.base, state.family
     if cache is not None:
         cached = cache.batch(indices, flips)
         latents = sample_latents(cached["latent_mean"], cached["latent_std"], generator)
-        text = cached.get("text_embeds")
-        if text is None:
-            text = encode_prompts(base, cached["caption"])
-        return {"latents": latents, "text_embeds": text, "extras": cached["extras"]}
+        conditioning = cached.get("conditioning")
+        if conditioning is None:  # a text encoder trains: encode with gradients
+            conditioning = family.encode_prompts(base, cached["caption"])
+        return {"latents": latents, "conditioning": conditioning, "extras": cached["extras"]}
     batch = collate([dataset.item(i, flip=f, rng=random.Random(hash((dataset.seed, e, i)))) for i, e, f in zip(indices, epochs, flips)])
     with torch.no_grad():
         mean, std = latent_distribution(base, batch["pixel_values"])
         extras = {}
-        for adapter in adapters:
+        for adapter in state.adapters:
             extras.update(adapter.encode_extras(batch, base))
     latents = sample_latents(mean.float(), std.float(), generator)
-    with torch.set_grad_enabled(trains_text_encoder):
-        text = encode_prompts(base, batch["caption"])
-    return {"latents": latents, "text_embeds": text, "extras": extras}
+    with torch.set_grad_enabled(state.trains_text_encoder):
+        conditioning = family.encode_prompts(base, batch["caption"])
+    return {"latents": latents, "conditioning": conditioning, "extras": extras}
 
 
 def _concat(a, b):
+    """Two batches' values along the batch: tensors, conditionings or dicts of tensors."""
+    if isinstance(a, Conditioning):
+        return Conditioning.cat([a, b])
     if isinstance(a, dict):
         return {k: torch.cat([a[k], b[k]]) for k in a}
     return torch.cat([a, b])
@@ -313,24 +719,8 @@ def _concat(a, b):
 def _load_or_encode(dataset, base, adapters, output_dir: Path, data_cfg, with_text: bool, name: str, is_main: bool) -> EncodedSet:
     """The dataset's encodings: from the disk cache when it exists, else encoded now."""
     path = output_dir / "cache" / f"{name}.safetensors"
-    if data_cfg.cache == "disk" and path.is_file():
-        return EncodedSet.load(path)
-    encoded = encode_dataset(dataset, base, adapters, with_text=with_text, flip=data_cfg.flip)
-    if data_cfg.cache == "disk" and is_main:
-        encoded.save(path)
-    return encoded
-
-
-def _diffusion_loss(prediction, target, timesteps, noise_scheduler, snr_gamma: float, prediction_type: str, compute_snr):
-    """Per-sample MSE, min-SNR weighted when ``snr_gamma`` > 0 (Hang et al. 2023)."""
-    loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
-    if snr_gamma:
-        snr = compute_snr(noise_scheduler, timesteps).float()
-        weight = torch.clamp(snr, max=snr_gamma) / snr
-        if prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
-        loss = loss * weight
-    return loss
+    # keyed by what it encodes: a cache from other images, captions, base or settings is rebuilt
+    return load_or_encode(dataset, base, adapters, path, with_text=with_text, flip=data_cfg.flip, disk=data_cfg.cache == "disk", write=is_main)
 
 
 def _make_optimizer(cfg, param_groups: list[dict]):
@@ -365,18 +755,19 @@ def _all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         offset += count
 
 
-def _validate(adapter, base, recipe, output_dir: Path, step: int, accelerator) -> None:
+def _validate(state: TrainState, step: int) -> None:
+    """Validation grid and metrics of the trained adapter at ``step`` (main process)."""
     from condkit.train.validation import grid_array, make_grid, save_grid
 
-    rows, metrics = adapter.validate(base, recipe.validation, step)
+    rows, metrics = state.adapter.validate(state.base, state.recipe.validation, step)
     if rows:
         grid = make_grid(rows)
-        save_grid(grid, output_dir / "validation" / f"step-{step:08d}.png")
-        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+        save_grid(grid, state.output_dir / "validation" / f"step-{step:08d}.png")
+        tracker = state.accelerator.get_tracker("tensorboard", unwrap=True)
         if tracker is not None and hasattr(tracker, "add_image"):
             tracker.add_image("validation", grid_array(grid), step, dataformats="HWC")
     if metrics:
-        accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
+        state.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from condkit.adapters.base import Adapter
+from condkit.adapters.base import Adapter, GenerateInput
+from condkit.adapters.base import AdapterStateError
 from condkit.adapters.controlnet import formats
 from condkit.adapters.controlnet.branch import check_fits, controlnet_from_unet
 from condkit.adapters.controlnet.config import ControlNetConfig
+from condkit.adapters.controlnet.data import CONDITION_INPUT
 from condkit.adapters.controlnet.metrics import condition_edge_f1, mean_edge_scores
 from condkit.errors import UserError
 
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
     from diffusers import ControlNetModel
 
     from condkit.base import BaseModel
+
+# Pipeline arguments that take one value per ControlNet when several are attached; a
+# single ControlNet passes its value unwrapped, as diffusers expects.
+PER_CONTROLNET_KEYS = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 
 
 def to_condition_image(condition: Any) -> Image.Image:
@@ -54,6 +60,18 @@ class ControlNetAdapter(Adapter):
 
     kind = "controlnet"
     config_class = ControlNetConfig
+    sample_inputs = (CONDITION_INPUT,)
+    generate_inputs = (
+        GenerateInput(
+            option="--control-image",
+            key="control_images",
+            help="condition map for each ControlNet, in --adapter order",
+            label="ControlNet",
+            one_per_adapter=True,
+        ),
+    )
+    pipeline_component = "controlnet"
+    pipeline_purpose = "controlnet"
 
     def __init__(self, config: ControlNetConfig, name: str = "default", controlnet: ControlNetModel | None = None) -> None:
         super().__init__(config, name)
@@ -63,6 +81,7 @@ class ControlNetAdapter(Adapter):
     # ---- attach and detach -------------------------------------------------------
     def attach(self, base: BaseModel) -> None:
         """Build the branch from ``base`` (or ``config.init_from``) if there is none yet, and check it fits."""
+        self.check_unattached()
         if self.controlnet is None:
             if self.config.init_from:
                 self.controlnet = formats.read_controlnet(self.config.init_from, base, self.config).requires_grad_(True)
@@ -90,7 +109,7 @@ class ControlNetAdapter(Adapter):
 
     def _branch(self) -> ControlNetModel:
         if self.controlnet is None:
-            raise RuntimeError(f"controlnet {self.name}: attach it to a base first")
+            raise AdapterStateError(f"controlnet adapter {self.name!r} has no branch yet; attach it to a base first")
         return self.controlnet
 
     # ---- training hooks ----------------------------------------------------------
@@ -149,6 +168,33 @@ class ControlNetAdapter(Adapter):
     def pipeline_components(self) -> dict[str, Any]:
         """``{"controlnet": branch}`` for ``StableDiffusionControlNetPipeline``."""
         return {"controlnet": self._branch()}
+
+    @classmethod
+    def combine_pipeline_components(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One ``controlnet`` component: the branch, or a ``MultiControlNetModel`` of several."""
+        branches = [part["controlnet"] for part in parts]
+        if len(branches) == 1:
+            return {"controlnet": branches[0]}
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        return {"controlnet": MultiControlNetModel(branches)}
+
+    @classmethod
+    def combine_pipeline_kwargs(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several ControlNets' arguments as diffusers takes them: a list per
+        :data:`PER_CONTROLNET_KEYS` key, and ``guess_mode`` on if any branch asks for it."""
+        if len(parts) == 1:
+            return dict(parts[0])
+        combined: dict[str, Any] = {}
+        for part in parts:
+            for key, value in part.items():
+                if key in PER_CONTROLNET_KEYS:
+                    combined.setdefault(key, []).append(value)
+                elif key == "guess_mode":  # one flag for the pipeline
+                    combined[key] = bool(combined.get(key)) or bool(value)
+                else:
+                    combined[key] = value
+        return combined
 
     def pipeline_call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The pipeline arguments for this branch.

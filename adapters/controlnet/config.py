@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from condkit.adapters.base import AdapterConfig
+from condkit.adapters.base import AdapterConfig, config_field
 from condkit.errors import UserError
 
 SD_HINT_CHANNELS: tuple[int, ...] = (16, 32, 96, 256)
@@ -58,16 +58,18 @@ class ControlNetConfig(AdapterConfig):
             ``control_*`` file) instead of copying the base U-Net.
     """
 
-    conditioning_channels: int = 3
-    conditioning_embedding_out_channels: tuple[int, ...] | None = None
-    conditioning_channel_order: str = "rgb"
-    conditioning_scale: float = 1.0
-    guess_mode: bool = False
-    control_guidance_start: float = 0.0
-    control_guidance_end: float = 1.0
-    fidelity_metric: str = "edge_f1"
-    edge_tolerance: int = 2
-    init_from: str | None = None
+    conditioning_channels: int = config_field(3, "channels of the condition map (3 for RGB maps)", range=(1, math.inf))
+    conditioning_embedding_out_channels: tuple[int, ...] | None = config_field(
+        None, "hint-encoder channels; 2 ** (len - 1) must equal the base's VAE factor; null = derived from the base"
+    )
+    conditioning_channel_order: str = config_field("rgb", "how the branch reads the map", choices=CHANNEL_ORDERS)
+    conditioning_scale: float = config_field(1.0, "strength of the residuals at inference; 0 = the base alone", range=(0.0, 10.0))
+    guess_mode: bool = config_field(False, "inference without the prompt on the branch (ControlNet's guess mode)")
+    control_guidance_start: float = config_field(0.0, "fraction of the sampling steps after which the branch starts (< end)", range=(0.0, 1.0))
+    control_guidance_end: float = config_field(1.0, "fraction of the sampling steps after which the branch stops", range=(0.0, 1.0))
+    fidelity_metric: str = config_field("edge_f1", "what validation measures: edge F1 between map and output, or nothing", choices=FIDELITY_METRICS)
+    edge_tolerance: int = config_field(2, "edge-F1 matching radius in pixels", range=(0, 8))
+    init_from: str | None = config_field(None, "start from an existing ControlNet (diffusers folder or control_* file) instead of copying the base U-Net")
 
     def __post_init__(self) -> None:
         if not isinstance(self.conditioning_channels, int) or self.conditioning_channels < 1:

@@ -14,12 +14,18 @@
     :func:`cached_condition`), so later runs reuse them. In (a)-(c) a missing map is
     also computed when a preprocessor is set.
 
-A missing condition (no preprocessor set) or a map whose size differs from its image
-raises a one-line :class:`UserError` naming the files; nothing is silently skipped.
+Layouts (a), (b) and (d) are read by condkit's one folder reader
+(:func:`condkit.train.data.read_folder`) from the :data:`CONDITION_INPUT` declaration;
+this module adds fill50k and the checks. A missing condition (no preprocessor set) or a map whose size differs from its image
+(both as the loader shows them: after EXIF orientation) raises a one-line
+:class:`UserError` naming the files; nothing is silently skipped. Paths in
+``metadata.jsonl`` / ``prompt.json`` must stay inside the folder unless
+``data.allow_outside_paths`` is true.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,153 +33,126 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from condkit.adapters.base import SampleInput
 from condkit.errors import UserError
 from condkit.io import atomic_path
+from condkit.preprocessors.image import oriented_size
 
-IMAGE_COLUMNS = ("file_name", "image")
 CONDITION_COLUMNS = ("condition_file_name", "conditioning_image", "condition")
-CAPTION_COLUMNS = ("text", "caption", "prompt")
+CONDITIONS_FOLDER = "conditions"
 CACHE_ENV = "CONDKIT_CACHE_DIR"
+# Part of every cached map's key: bumped when the image loader changes what pixels a
+# file gives (v2: transparency composited on white, pixel limit), so old maps are redone.
+CONDITION_CACHE_VERSION = b"condkit-conditions-v2"
+# The per-sample input ControlNet declares: the generic data layer reads it from these
+# metadata.jsonl columns, from conditions/ beside images/, or makes it with
+# data.condition_preprocessor; batches carry it as "condition".
+CONDITION_INPUT = SampleInput(
+    name="condition",
+    label="condition map",
+    columns=CONDITION_COLUMNS,
+    folder=CONDITIONS_FOLDER,
+    preprocessor_key="condition_preprocessor",
+    aligned=True,
+)
 
 
 def find_pair_records(data: Any) -> list:
     """Records (image, condition, caption) for a ControlNet ``data`` section.
+
+    fill50k's ``prompt.json`` is read here; the other layouts by the generic reader
+    (:func:`condkit.train.data.read_folder`), after which every record must have a map
+    (or one is computed and cached with ``data.condition_preprocessor``) of its image's size.
 
     Args:
         data: a :class:`condkit.train.config.DataConfig` (``path``, ``caption``,
             ``condition_preprocessor``).
 
     Returns:
-        :class:`condkit.train.data.Record` objects whose ``condition`` is a file.
+        :class:`condkit.train.data.Record` objects whose ``condition`` input is a file.
 
     Raises:
         UserError: no layout matches, or a condition is missing or of the wrong size.
     """
+    from condkit.train.data import IMAGES_FOLDER, Record, read_folder
+
     root = Path(data.path)
     if not root.is_dir():
         raise UserError(f"data.path {data.path!r}: no such folder")
     preprocessor = data.condition_preprocessor or ""
+    allow_outside = bool(getattr(data, "allow_outside_paths", False))
     if (root / "prompt.json").is_file():
-        pairs = fill50k_pairs(root)
-    elif (root / "metadata.jsonl").is_file():
-        pairs = metadata_pairs(root, data.caption)
-    elif (root / "images").is_dir():
-        pairs = folder_pairs(root, data.caption, preprocessor)
-    else:
-        pairs = images_only_pairs(root, data.caption, preprocessor)
-    return [make_record(image, condition, caption, preprocessor) for image, condition, caption in pairs]
-
-
-def make_record(image: Path, condition: Path | None, caption: str, preprocessor: str):
-    """One checked training record; computes (and caches) a missing map with ``preprocessor``.
-
-    Args:
-        image: the image file.
-        condition: its condition map, or None.
-        caption: its caption.
-        preprocessor: preprocessor name for a missing map ('' = a missing map is an error).
-    """
-    from condkit.train.data import Record
-
-    if condition is None:
-        if not preprocessor:
-            raise UserError(f"{image}: no condition map for this image (give one, or set data.condition_preprocessor)")
-        condition = cached_condition(image, preprocessor)
-    elif not condition.is_file():
-        raise UserError(f"{condition}: condition map for {image} does not exist")
-    check_same_size(image, condition)
-    return Record(image=image, caption=caption, condition=condition)
-
-
-def fill50k_pairs(root: Path) -> list[tuple[Path, Path | None, str]]:
-    """Layout (c): ``prompt.json`` lines with ``source``, ``target``, ``prompt``.
-
-    Args:
-        root: the dataset folder.
-    """
-    pairs = []
-    for number, row in _json_lines(root / "prompt.json"):
-        try:
-            source, target = row["source"], row["target"]
-        except KeyError as exc:
-            raise UserError(f"{root / 'prompt.json'}:{number}: missing key {exc.args[0]!r} (need source, target, prompt)") from None
-        image = root / target
-        if not image.is_file():
-            raise UserError(f"{root / 'prompt.json'}:{number}: target image {target!r} does not exist")
-        pairs.append((image, root / source, str(row.get("prompt", ""))))
-    return pairs
-
-
-def metadata_pairs(root: Path, default_caption: str) -> list[tuple[Path, Path | None, str]]:
-    """Layout (b): ``metadata.jsonl`` with image, condition and caption columns.
-
-    Args:
-        root: the dataset folder.
-        default_caption: caption for rows without one.
-    """
-    pairs = []
-    path = root / "metadata.jsonl"
-    for number, row in _json_lines(path):
-        image_name = _first_of(row, IMAGE_COLUMNS)
-        if not image_name:
-            raise UserError(f"{path}:{number}: needs an image column ({' or '.join(IMAGE_COLUMNS)})")
-        image = root / image_name
-        if not image.is_file():
-            raise UserError(f"{path}:{number}: image {image_name!r} does not exist")
-        condition_name = _first_of(row, CONDITION_COLUMNS)
-        caption = _first_of(row, CAPTION_COLUMNS) or default_caption
-        pairs.append((image, root / condition_name if condition_name else None, str(caption)))
-    return pairs
-
-
-def folder_pairs(root: Path, default_caption: str, preprocessor: str) -> list[tuple[Path, Path | None, str]]:
-    """Layout (a): ``images/`` and ``conditions/`` matched by file stem.
-
-    Args:
-        root: the dataset folder.
-        default_caption: caption for images without a same-stem ``.txt``.
-        preprocessor: when set, ``conditions/`` may be absent or incomplete.
-    """
-    from condkit.train.data import list_images
-
-    images = list_images(root / "images")
-    if not images:
-        raise UserError(f"{root / 'images'}: no images found")
-    conditions_dir = root / "conditions"
-    if not conditions_dir.is_dir() and not preprocessor:
-        raise UserError(f"{root}: has images/ but no conditions/ folder (add the maps, or set data.condition_preprocessor)")
-    by_stem = {p.relative_to(conditions_dir).with_suffix(""): p for p in list_images(conditions_dir)} if conditions_dir.is_dir() else {}
-    pairs = []
-    for image in images:
-        stem = image.relative_to(root / "images").with_suffix("")
-        condition = by_stem.get(stem)
-        if condition is None and not preprocessor:
-            raise UserError(f"{image}: no condition map {conditions_dir / stem}.* (matched by file stem)")
-        pairs.append((image, condition, _caption_beside(image, default_caption)))
-    return pairs
-
-
-def images_only_pairs(root: Path, default_caption: str, preprocessor: str) -> list[tuple[Path, Path | None, str]]:
-    """Layout (d): every image below ``root``, maps from ``preprocessor``.
-
-    Args:
-        root: the dataset folder.
-        default_caption: caption for images without a same-stem ``.txt``.
-        preprocessor: required here.
-    """
-    from condkit.train.data import list_images
-
+        records = [Record(image=i, caption=c, inputs={CONDITION_INPUT.name: m}) for i, m, c in fill50k_pairs(root, allow_outside)]
+        return [make_record(record, preprocessor) for record in records]
+    if (root / "metadata.jsonl").is_file():
+        return [make_record(record, preprocessor) for record in read_folder(root, data)]
+    images_dir, conditions_dir = root / IMAGES_FOLDER, root / CONDITIONS_FOLDER
+    if images_dir.is_dir():
+        if not conditions_dir.is_dir() and not preprocessor:
+            raise UserError(f"{root}: has images/ but no conditions/ folder (add the maps, or set data.condition_preprocessor)")
+        records = read_folder(root, data)
+        if not records:
+            raise UserError(f"{images_dir}: no images found")
+        # Without a preprocessor conditions/ exists, so the reader took the images from images/.
+        return [make_record(r, preprocessor, "" if preprocessor else _missing_in_folder(r.image, images_dir, conditions_dir)) for r in records]
     if not preprocessor:
         raise UserError(
             f"data.path {str(root)!r}: no condition maps (use images/ + conditions/, metadata.jsonl with a condition "
             "column, fill50k's prompt.json, or set data.condition_preprocessor)"
         )
-    images = list_images(root)
-    if not images:
+    records = read_folder(root, data)
+    if not records:
         raise UserError(f"data.path {str(root)!r}: no images found")
-    return [(image, None, _caption_beside(image, default_caption)) for image in images]
+    return [make_record(record, preprocessor) for record in records]
+
+
+def _missing_in_folder(image: Path, images_dir: Path, conditions_dir: Path) -> str:
+    """The error text for an image of layout (a) whose map is missing from ``conditions/``."""
+    return f"no condition map {conditions_dir / Path(image).relative_to(images_dir).with_suffix('')}.* (matched by file stem)"
+
+
+def make_record(record: Any, preprocessor: str, missing: str = "no condition map for this image (give one, or set data.condition_preprocessor)"):
+    """One checked training record; computes (and caches) a missing map with ``preprocessor``.
+
+    Args:
+        record: a :class:`condkit.train.data.Record` (its ``condition`` input may be absent).
+        preprocessor: preprocessor name for a missing map ('' = a missing map is an error).
+        missing: what the error says after the image's name when the map is missing.
+    """
+    image, condition = Path(record.image), record.inputs.get(CONDITION_INPUT.name)
+    if condition is None:
+        if not preprocessor:
+            raise UserError(f"{image}: {missing}")
+        condition = cached_condition(image, preprocessor)
+    elif not Path(condition).is_file():
+        raise UserError(f"{condition}: condition map for {image} does not exist")
+    check_same_size(image, Path(condition))
+    return dataclasses.replace(record, inputs={**record.inputs, CONDITION_INPUT.name: condition})
+
+
+def fill50k_pairs(root: Path, allow_outside: bool = False) -> list[tuple[Path, Path | None, str]]:
+    """Layout (c): ``prompt.json`` lines with ``source``, ``target``, ``prompt``.
+
+    Args:
+        root: the dataset folder.
+        allow_outside: ``data.allow_outside_paths`` (paths may leave ``root``).
+    """
+    from condkit.train.data import data_file, row_text
+
+    pairs = []
+    for number, row in _json_lines(root / "prompt.json"):
+        where = f"{root / 'prompt.json'}:{number}"
+        missing = next((key for key in ("source", "target") if key not in row), None)
+        if missing:
+            raise UserError(f"{where}: missing key {missing!r} (need source, target, prompt)")
+        image = data_file(root, row["target"], where, "target", allow_outside)
+        if not image.is_file():
+            raise UserError(f"{where}: target image {row['target']!r} does not exist")
+        condition = data_file(root, row["source"], where, "source", allow_outside)
+        pairs.append((image, condition, row_text(row, ("prompt",), where, "")))
+    return pairs
 
 
 def cache_root() -> Path:
@@ -197,7 +176,8 @@ def cached_condition(image: Path, preprocessor: str) -> Path:
     """
     from condkit.preprocessors import get_preprocessor
 
-    digest = hashlib.sha256(image.read_bytes())
+    digest = hashlib.sha256(CONDITION_CACHE_VERSION)
+    digest.update(image.read_bytes())
     for sidecar in (image.with_name(f"{image.stem}_keypoints.json"), image.with_suffix(".json")):
         if sidecar.is_file():
             digest.update(sidecar.name.encode() + sidecar.read_bytes())
@@ -212,11 +192,15 @@ def cached_condition(image: Path, preprocessor: str) -> Path:
 def check_same_size(image: Path, condition: Path) -> None:
     """Raise unless the map has the image's size (read from the headers only).
 
+    Sizes are compared as the loader returns the pixels, after EXIF orientation: a
+    portrait photo stored landscape with orientation 6 and the upright map condkit made
+    from it match.
+
     Args:
         image: the image file.
         condition: its condition map.
     """
-    image_size, condition_size = _image_size(image), _image_size(condition)
+    image_size, condition_size = oriented_size(image), oriented_size(condition)
     if image_size != condition_size:
         raise UserError(
             f"{condition}: condition map is {condition_size[0]}x{condition_size[1]} px but its image {image} "
@@ -240,17 +224,11 @@ def read_condition_map(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     return rgb
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size  # (width, height); decoding is left to the dataset
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"{path}: cannot read image ({exc})") from None
-
-
 def _json_lines(path: Path) -> list[tuple[int, dict]]:
+    from condkit.train.data import read_utf8
+
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -262,11 +240,3 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
         rows.append((number, row))
     return rows
 
-
-def _first_of(row: dict, columns: tuple[str, ...]) -> Any:
-    return next((row[c] for c in columns if row.get(c)), None)
-
-
-def _caption_beside(image: Path, default_caption: str) -> str:
-    caption_file = image.with_suffix(".txt")
-    return caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else default_caption

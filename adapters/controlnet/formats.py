@@ -21,17 +21,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from condkit.adapters.base import ADAPTER_CONFIG_FILE
+from condkit.adapters.base import ADAPTER_CONFIG_FILE, read_adapter_config, read_adapter_description, write_adapter_description
 from condkit.adapters.controlnet.branch import as_float32, controlnet_from_unet
 from condkit.adapters.controlnet.config import ControlNetConfig
 from condkit.errors import UserError
-from condkit.io import check_safetensors_header, load_state_dict, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from condkit.io import (
+    check_finite,
+    check_safetensors_header,
+    load_state_dict,
+    save_safetensors_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
 
     from condkit.base import BaseModel
 
+KIND = "controlnet"
 EXPORT_SUBFOLDER = "controlnet"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -67,7 +74,7 @@ def write_diffusers_folder(
     # Same metadata as ModelMixin.save_pretrained, so any safetensors reader treats it alike.
     save_safetensors_atomic(controlnet.state_dict(), weights, metadata={"format": "pt"})
     write_text_atomic(config_file, controlnet.to_json_string())
-    write_json_atomic(described, {"kind": "controlnet", "config": config.to_dict(), "base": base_fingerprint})
+    write_adapter_description(folder, KIND, config, base_fingerprint)
     return [weights, config_file, described]
 
 
@@ -98,15 +105,9 @@ def read_condkit_config(path: str | Path) -> ControlNetConfig | None:
     """
     folder = diffusers_folder(path) if Path(path).is_dir() else Path(path).parent
     described = folder / ADAPTER_CONFIG_FILE if folder is not None else None
-    if described is None or not described.is_file():
+    if described is None:
         return None
-    try:
-        description = json.loads(described.read_text())
-        if description.get("kind") != "controlnet":
-            return None
-        return ControlNetConfig(**(description.get("config") or {}))
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{described}: not a valid ControlNet description ({exc})") from None
+    return read_adapter_config(described, KIND, ControlNetConfig)
 
 
 def load_diffusers_folder(folder: Path) -> ControlNetModel:
@@ -117,13 +118,14 @@ def load_diffusers_folder(folder: Path) -> ControlNetModel:
     """
     from diffusers import ControlNetModel
 
-    weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        check_safetensors_header(weights)
+    from condkit.base import check_model_folder, load_errors
+
+    check_model_folder(folder)  # truncated files and pickles holding code: one line naming the file
     try:
         controlnet = ControlNetModel.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except load_errors() as exc:
         raise UserError(f"{folder}: cannot load as a diffusers ControlNet ({_first_line(exc)})") from None
+    check_finite(controlnet.state_dict(), str(folder))
     return as_float32(controlnet)
 
 
@@ -335,7 +337,10 @@ def describe(path: str | Path) -> dict[str, Any]:
     if found is None:
         raise UserError(f"{path}: not a ControlNet folder or file")
     if found == "diffusers":
+        from condkit.base import check_model_folder
+
         folder = diffusers_folder(path)
+        check_model_folder(folder)  # inspect reads no tensors, but must not call a broken file fine
         cfg = json.loads((folder / CONFIG_NAME).read_text())
         info = {
             "format": "diffusers",
@@ -347,7 +352,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         }
         described = folder / ADAPTER_CONFIG_FILE
         if described.is_file():
-            info["trained_on"] = json.loads(described.read_text()).get("base")
+            info["trained_on"] = read_adapter_description(described).get("base")
         return info
     state_dict = strip_original_prefix(load_state_dict(path))
     conditioning_channels, hint_channels = original_hint_channels(state_dict, path)

@@ -38,8 +38,7 @@ class FullUnetAdapter(Adapter):
     # ---- attach and detach -------------------------------------------------------
     def attach(self, base: BaseModel) -> None:
         """Unfreeze ``base.unet`` for training, remembering its current weights."""
-        if self.base is not None:
-            raise UserError(f"full_unet adapter {self.name!r} is already attached")
+        self.check_unattached()
         self.base = base
         self._original = {k: v.detach().clone() for k, v in base.unet.state_dict().items()}
         base.unet.requires_grad_(True)
@@ -84,21 +83,14 @@ class FullUnetAdapter(Adapter):
     # ---- persistence -------------------------------------------------------------
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write ``out_dir/unet/`` (diffusers ``save_pretrained``) and ``condkit_adapter.json``."""
-        from condkit.io import atomic_folder, write_json_atomic
+        from condkit.io import atomic_folder
 
         out_dir = Path(out_dir)
         final = out_dir / UNET_FOLDER
         with atomic_folder(final) as tmp:  # save_pretrained writes several files
             self._unet().save_pretrained(tmp, safe_serialization=True)
-        description = {
-            "kind": self.kind,
-            "config": self.config.to_dict(),
-            "base": self.base.fingerprint(),
-            "format": "diffusers_unet",
-            "weights": f"{UNET_FOLDER}/{WEIGHTS_NAME}",
-        }
-        write_json_atomic(out_dir / ADAPTER_CONFIG_FILE, description)
-        return [final / "config.json", final / WEIGHTS_NAME, out_dir / ADAPTER_CONFIG_FILE]
+        described = self.save_description(out_dir, format="diffusers_unet", weights=f"{UNET_FOLDER}/{WEIGHTS_NAME}")
+        return [final / "config.json", final / WEIGHTS_NAME, described]
 
     @classmethod
     def load(cls, path: str | Path, base: BaseModel, name: str = "default") -> FullUnetAdapter:
@@ -162,8 +154,7 @@ class FullUnetAdapter(Adapter):
         }
 
     def _unet(self):
-        if self.base is None:
-            raise UserError(f"full_unet adapter {self.name!r} is not attached to a base")
+        self.check_attached()
         return self.base.unet
 
 
@@ -175,12 +166,4 @@ def _weights_file(path: Path) -> Path | None:
 
 
 def _saved_config(path: Path) -> FullUnetConfig:
-    import json
-
-    described = path / ADAPTER_CONFIG_FILE
-    if described.is_file():
-        try:
-            return FullUnetConfig(**json.loads(described.read_text()).get("config", {}))
-        except (TypeError, ValueError):
-            raise UserError(f"{described}: config does not fit the full_unet kind") from None
-    return FullUnetConfig()
+    return FullUnetAdapter.saved_config(path / ADAPTER_CONFIG_FILE) or FullUnetConfig()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from condkit.adapters.base import AdapterConfig
+from condkit.adapters.base import AdapterConfig, config_field
 from condkit.errors import UserError
 
 
@@ -18,7 +18,7 @@ class FullUnetConfig(AdapterConfig):
             prompt is a shapes-world caption.
     """
 
-    shapes_metrics: bool = True
+    shapes_metrics: bool = config_field(True, "score validation samples with the shapes-world classifier when every prompt is a shapes-world caption")
 
     def __post_init__(self) -> None:
         if not isinstance(self.shapes_metrics, bool):

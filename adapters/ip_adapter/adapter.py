@@ -13,18 +13,17 @@ diffusers runs, and the export loads there unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from condkit.adapters.base import ADAPTER_CONFIG_FILE, Adapter
+from condkit.adapters.base import ADAPTER_CONFIG_FILE, Adapter, GenerateInput, SampleInput
 from condkit.adapters.ip_adapter import formats
 from condkit.adapters.ip_adapter.config import IPAdapterConfig
 from condkit.errors import UserError
-from condkit.io import save_safetensors_atomic, write_json_atomic
+from condkit.io import save_safetensors_atomic
 
 IMAGE_EMBEDS_KEY = "ip_image_embeds"
 IP_IMAGE_PROJ = "ip_image_proj"
@@ -75,6 +74,21 @@ class IPAdapter(Adapter):
 
     kind = "ip_adapter"
     config_class = IPAdapterConfig
+    # The reference image of each training sample: from metadata.jsonl, or a folder the
+    # recipe's data.reference names; the image itself when a sample has none.
+    sample_inputs = (
+        SampleInput(
+            name="reference",
+            label="reference image",
+            columns=("reference_file_name", "reference"),
+            folder_key="reference",
+            aligned=False,
+            default_to_image=True,
+        ),
+    )
+    generate_inputs = (
+        GenerateInput(option="--ip-image", key="ip_images", help="reference image for each IP-Adapter, in --adapter order", label="IP-Adapter"),
+    )
 
     def __init__(self, config: IPAdapterConfig, name: str = "default") -> None:
         super().__init__(config, name)
@@ -99,8 +113,7 @@ class IPAdapter(Adapter):
             UserError: the U-Net already carries an ``encoder_hid_proj`` (e.g. another
                 IP-Adapter), or no image encoder is available.
         """
-        if self.base is not None:
-            raise RuntimeError(f"IP-Adapter {self.name!r} is already attached")
+        self.check_unattached()
         unet = base.unet
         if unet.encoder_hid_proj is not None or unet.config.encoder_hid_dim_type is not None:
             raise UserError(
@@ -168,14 +181,12 @@ class IPAdapter(Adapter):
     # ---- building ----------------------------------------------------------------
     def _resolve_image_encoder(self, base) -> None:
         if self.config.image_encoder:
-            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
             folder = Path(self.config.image_encoder)
             if not (folder / "config.json").is_file():
                 raise UserError(f"adapter.image_encoder = {str(folder)!r}: not a CLIPVisionModelWithProjection folder (no config.json)")
-            self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
-            if (folder / "preprocessor_config.json").is_file():
-                self.feature_extractor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+            # formats.load_image_encoder names a truncated or pickled weight file in one line
+            self.image_encoder, processor = formats.load_image_encoder(folder)
+            self.feature_extractor = processor or self.feature_extractor
         if self.image_encoder is None:
             self.image_encoder = base.image_encoder
         if self.image_encoder is None:
@@ -279,7 +290,7 @@ class IPAdapter(Adapter):
         hidden = self.config.variant == "plus"
         return {IMAGE_EMBEDS_KEY: encode_images(reference, self.image_encoder, self.feature_extractor, hidden)}
 
-    def drop_conditions(self, text_embeds, extras, empty_text_embeds, caption_dropout, generator):
+    def drop_conditions(self, conditioning, extras, empty_conditioning, caption_dropout, generator):
         """Drop the image, the caption or both, per sample (``drop_image/text/both``).
 
         One uniform draw per sample picks the case, so the three are exclusive. A dropped
@@ -287,16 +298,15 @@ class IPAdapter(Adapter):
         base). ``caption_dropout`` is not used: the config's probabilities replace it.
         """
         cfg = self.config
-        draw = torch.rand(text_embeds.shape[0], generator=generator)  # (b,)
+        draw = torch.rand(conditioning.batch_size, generator=generator)  # (b,)
         drop_image_only = draw < cfg.drop_image
         drop_text_only = (draw >= cfg.drop_image) & (draw < cfg.drop_image + cfg.drop_text)
         drop_both = (draw >= cfg.drop_image + cfg.drop_text) & (draw < cfg.drop_image + cfg.drop_text + cfg.drop_both)
-        drop_text = (drop_text_only | drop_both).to(text_embeds.device)[:, None, None]
-        text_embeds = torch.where(drop_text, empty_text_embeds.to(text_embeds.dtype), text_embeds)
+        conditioning = conditioning.where(drop_text_only | drop_both, empty_conditioning)
         embeds = extras[IMAGE_EMBEDS_KEY]
         drop_image = (drop_image_only | drop_both).to(embeds.device).view(-1, *([1] * (embeds.ndim - 1)))
         uncond = self._uncond_embeds.to(device=embeds.device, dtype=embeds.dtype)
-        return text_embeds, {**extras, IMAGE_EMBEDS_KEY: torch.where(drop_image, uncond, embeds)}
+        return conditioning, {**extras, IMAGE_EMBEDS_KEY: torch.where(drop_image, uncond, embeds)}
 
     def unet_kwargs(self, noisy_latents, timesteps, text_embeds, extras) -> dict[str, Any]:
         """``added_cond_kwargs={"image_embeds": [(b, 1, ...)]}``: one list entry per IP-Adapter,
@@ -307,6 +317,18 @@ class IPAdapter(Adapter):
     def pipeline_components(self) -> dict[str, Any]:
         """The image encoder and processor the pipeline encodes ``ip_adapter_image`` with."""
         return {"image_encoder": self.image_encoder, "feature_extractor": self.feature_extractor}
+
+    @classmethod
+    def combine_pipeline_kwargs(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several IP-Adapters' images (or embeddings) side by side in one list, as diffusers takes them."""
+        combined: dict[str, Any] = {}
+        for part in parts:
+            for key, value in part.items():
+                if key in ("ip_adapter_image", "ip_adapter_image_embeds"):
+                    combined.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+                else:
+                    combined[key] = value
+        return combined
 
     def pipeline_call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``ip_adapter_image`` (or precomputed ``ip_adapter_image_embeds``) for the pipeline.
@@ -371,9 +393,7 @@ class IPAdapter(Adapter):
         weights = out_dir / formats.WEIGHT_NAME
         save_safetensors_atomic(self.state_dict_flat(), weights, metadata={"format": "pt", "condkit_kind": self.kind})
         encoder = formats.save_image_encoder(self.image_encoder, self.feature_extractor, out_dir / formats.IMAGE_ENCODER_FOLDER)
-        description = out_dir / ADAPTER_CONFIG_FILE
-        fingerprint = self.base.fingerprint() if self.base is not None else None
-        write_json_atomic(description, {"kind": self.kind, "config": self.config.to_dict(), "base": fingerprint})
+        description = self.save_description(out_dir)
         return [weights, encoder, description]
 
     @classmethod
@@ -409,6 +429,7 @@ class IPAdapter(Adapter):
         """Variant, tokens, layers and dimensions of an IP-Adapter file."""
         weights = formats.resolve_weight_file(path)
         state = formats.read_state_dicts(weights)
+        formats.check_image_encoder(weights)
         proj = state["image_proj"]
         variant = formats.detect_variant(proj, weights)
         layers = sorted({int(k.split(".")[0]) for k in state["ip_adapter"] if k.endswith("to_k_ip.weight")})
@@ -463,13 +484,6 @@ def _open_image(item):
 
 
 def _saved_options(description: Path) -> dict[str, Any]:
-    """The config saved in ``condkit_adapter.json`` (empty when absent)."""
-    if not description.is_file():
-        return {}
-    try:
-        data = json.loads(description.read_text())
-    except ValueError:
-        raise UserError(f"{description}: not valid JSON") from None
-    if data.get("kind") != IPAdapter.kind:
-        return {}
-    return {k: v for k, v in (data.get("config") or {}).items() if k in IPAdapterConfig.__dataclass_fields__}
+    """The config saved in ``condkit_adapter.json`` as keyword arguments (empty when absent)."""
+    config = IPAdapter.saved_config(description)
+    return config.to_dict() if config is not None else {}

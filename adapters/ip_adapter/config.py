@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
-from condkit.adapters.base import AdapterConfig
+from condkit.adapters.base import AdapterConfig, config_field as _field
 from condkit.errors import UserError
 
 VARIANTS = ("base", "plus")
@@ -14,14 +13,6 @@ VARIANTS = ("base", "plus")
 # (loaders/unet.py: num_image_text_embeds = 4), so any other count would not load there.
 BASE_NUM_TOKENS = 4
 PLUS_DEFAULT_NUM_TOKENS = 16
-
-
-def _field(default: Any, help: str, *, range: tuple[float, float] | None = None, choices: tuple[str, ...] | None = None):
-    """A dataclass field with help text and the allowed range/choices (read by the recipe validator)."""
-    meta = {"help": help, "range": range, "choices": choices}
-    if isinstance(default, dict):
-        return dataclasses.field(default_factory=dict, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)

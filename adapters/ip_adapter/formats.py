@@ -99,6 +99,54 @@ def read_state_dicts(path: str | os.PathLike) -> dict[str, dict[str, torch.Tenso
     return nested
 
 
+def check_image_encoder(weights: str | os.PathLike) -> None:
+    """Check the weight files of the ``image_encoder/`` beside an IP-Adapter weight file, if any.
+
+    For ``inspect``, which reads no encoder: a truncated or pickled encoder file is named
+    there too, not only when ``generate`` loads it.
+
+    Args:
+        weights: the IP-Adapter weight file.
+    """
+    from condkit.base import check_model_folder
+
+    folder = Path(weights).parent / IMAGE_ENCODER_FOLDER
+    if folder.is_dir():
+        check_model_folder(folder)
+
+
+def load_image_encoder(folder: str | os.PathLike):
+    """The CLIP image encoder (and its image processor, if saved) of a local folder.
+
+    Args:
+        folder: a ``CLIPVisionModelWithProjection`` folder (an export's ``image_encoder/``).
+
+    Returns:
+        ``(encoder, processor)``; the processor is None when the folder has no
+        ``preprocessor_config.json``.
+
+    Raises:
+        UserError: no ``config.json``, or a weight file that is truncated, a pickle that
+            holds code, or otherwise unreadable (naming the file).
+    """
+    from condkit.base import load_clip_image_encoder, load_errors
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: not a CLIPVisionModelWithProjection folder (no config.json)")
+    encoder = load_clip_image_encoder(folder)
+    processor = None
+    if (folder / "preprocessor_config.json").is_file():
+        from transformers import CLIPImageProcessor
+
+        try:
+            processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+        except load_errors() as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{folder / 'preprocessor_config.json'}: cannot load ({first})") from None
+    return encoder, processor
+
+
 def looks_like_ip_adapter(path: str | os.PathLike) -> bool:
     """Cheap check whether ``path`` holds IP-Adapter weights (safetensors: header only)."""
     path = Path(path)

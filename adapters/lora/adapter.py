@@ -173,21 +173,14 @@ class LoraAdapter(Adapter):
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write ``pytorch_lora_weights.safetensors`` (diffusers format), ``condkit_adapter.json``, ``README.md``."""
-        from condkit.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
+        from condkit.io import save_safetensors_atomic, write_text_atomic
 
         self._check_attached()
         out_dir = Path(out_dir)
         weights = self.lora_weights()
         tensors, metadata = formats.write_diffusers(weights)
         save_safetensors_atomic(tensors, out_dir / WEIGHTS_NAME, metadata=metadata)
-        description = {
-            "kind": self.kind,
-            "config": self.config.to_dict(),
-            "base": self.base.fingerprint(),
-            "format": "diffusers",
-            "weights": WEIGHTS_NAME,
-        }
-        write_json_atomic(out_dir / ADAPTER_CONFIG_FILE, description)
+        self.save_description(out_dir, format="diffusers", weights=WEIGHTS_NAME)
         write_text_atomic(out_dir / CARD_NAME, model_card(self.config, self.base, weights))
         return [out_dir / WEIGHTS_NAME, out_dir / ADAPTER_CONFIG_FILE, out_dir / CARD_NAME]
 
@@ -246,12 +239,10 @@ class LoraAdapter(Adapter):
 
     # ---- internals -----------------------------------------------------------------
     def _check_unattached(self) -> None:
-        if self.base is not None:
-            raise RuntimeError(f"LoRA {self.name!r} is already attached; detach it first")
+        self.check_unattached()
 
     def _check_attached(self) -> None:
-        if self.base is None:
-            raise RuntimeError(f"LoRA {self.name!r} is not attached to a base")
+        self.check_attached()
 
     def _model(self, component: str) -> torch.nn.Module:
         return self.base.unet if component == formats.UNET else self.base.text_encoder
@@ -522,16 +513,9 @@ def expected_shapes(layer: torch.nn.Module, rank: int) -> tuple[tuple[int, ...],
 
 
 def _described_config(file: Path) -> LoraConfig | None:
-    described = file.parent / ADAPTER_CONFIG_FILE
-    if file.name != WEIGHTS_NAME or not described.is_file():
+    if file.name != WEIGHTS_NAME:
         return None
-    try:
-        data = json.loads(described.read_text())
-    except ValueError:
-        raise UserError(f"{described}: not valid JSON") from None
-    if data.get("kind") != LoraAdapter.kind:
-        return None
-    return LoraConfig(**data.get("config", {}))
+    return LoraAdapter.saved_config(file.parent / ADAPTER_CONFIG_FILE)
 
 
 def config_from_weights(weights: formats.LoraWeights) -> LoraConfig:

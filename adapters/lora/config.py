@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from condkit.adapters.base import AdapterConfig
+from condkit.adapters.base import AdapterConfig, config_field
 from condkit.errors import UserError
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -67,16 +67,20 @@ class LoraConfig(AdapterConfig):
         text_encoder_target_modules: ``attention`` (q/k/v/out_proj), ``attention+mlp`` or names.
     """
 
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-    use_dora: bool = False
-    target_modules: str | tuple[str, ...] = "attention"
-    init: str = "default"
-    train_text_encoder: bool = False
-    text_encoder_rank: int | None = None
-    text_encoder_alpha: float | None = None
-    text_encoder_target_modules: str | tuple[str, ...] = "attention"
+    rank: int = config_field(4, "rank r of the U-Net LoRA layers", range=(1, MAX_RANK))
+    alpha: float | None = config_field(None, "scaling numerator, update = alpha / rank * B @ A (independent of rank); a positive number, null = rank")
+    dropout: float = config_field(0.0, "dropout on the LoRA branch input, in [0, 1)")
+    use_dora: bool = config_field(False, "weight-decomposed LoRA (DoRA, peft use_dora)")
+    target_modules: str | tuple[str, ...] = config_field(
+        "attention", f"a preset ({' / '.join(TARGET_PRESETS)}) or a list of module-name suffixes"
+    )
+    init: str = config_field("default", "LoRA A init: default (Kaiming-uniform) or gaussian (std 1/r); B is zero in both", choices=INITS)
+    train_text_encoder: bool = config_field(False, "also put LoRA layers on the text encoder (rate: train.text_encoder_learning_rate)")
+    text_encoder_rank: int | None = config_field(None, f"rank of the text-encoder LoRA, 1..{MAX_RANK}; null = rank")
+    text_encoder_alpha: float | None = config_field(None, "alpha of the text-encoder LoRA; null = the U-Net's alpha/rank ratio times its rank")
+    text_encoder_target_modules: str | tuple[str, ...] = config_field(
+        "attention", f"a preset ({' / '.join(TEXT_ENCODER_PRESETS)}) or a list of module-name suffixes"
+    )
 
     def __post_init__(self) -> None:
         for key in ("rank", "text_encoder_rank"):

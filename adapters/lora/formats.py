@@ -32,16 +32,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 from typing import Any, Iterable
 
 import torch
 
 from condkit.errors import UserError
+from condkit.families.sd import KOHYA_PREFIXES as SD_KOHYA_PREFIXES
 
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
 COMPONENTS = (UNET, TEXT_ENCODER)
-KOHYA_PREFIXES = {UNET: "lora_unet_", TEXT_ENCODER: "lora_te_"}
+# The SD 1.x/2.x family owns its kohya prefixes (lora_unet_, lora_te_); another family brings its own.
+KOHYA_PREFIXES = {component: SD_KOHYA_PREFIXES[component] for component in COMPONENTS}
 TEXT_MODEL_PREFIX = "text_model."
 # peft's per-module LoRA tensor names (after diffusers' conversion to peft naming).
 PEFT_DOWN, PEFT_UP, PEFT_MAGNITUDE = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
@@ -224,15 +227,17 @@ def read_kohya(
             unmatched.append(key)
     if unmatched:
         raise unmatched_error(source, unmatched, what)
+    if not groups:  # describe() drops unmatched keys first; a file where none match is no LoRA for these models
+        raise UserError(f"{source}: no key of this kohya file matches a module of {what} (lora_unet_*/lora_te_* must name real layers)")
     modules = []
     for name, parts in groups.items():
         if KOHYA_DOWN not in parts or KOHYA_UP not in parts:
             missing = KOHYA_DOWN if KOHYA_DOWN not in parts else KOHYA_UP
             raise UserError(f"{source}: module {name} has no {name}.{missing}")
         component, path = table[name]
-        rank = int(parts[KOHYA_DOWN].shape[0])
+        rank = check_pair(parts[KOHYA_DOWN], parts[KOHYA_UP], f"{source}: {name}")
         # sd-scripts: a missing or zero alpha means alpha = rank (scale 1).
-        alpha = float(parts[KOHYA_ALPHA].item()) if KOHYA_ALPHA in parts else 0.0
+        alpha = kohya_alpha(parts[KOHYA_ALPHA], f"{source}: {name}.{KOHYA_ALPHA}") if KOHYA_ALPHA in parts else 0.0
         modules.append(
             LoraModule(
                 component=component,
@@ -245,6 +250,40 @@ def read_kohya(
         )
     kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec."))}
     return LoraWeights(modules=modules, format="kohya", metadata=kept)
+
+
+def kohya_alpha(tensor: torch.Tensor, what: str) -> float:
+    """The value of a kohya ``.alpha`` tensor: one finite number.
+
+    Args:
+        tensor: the ``.alpha`` tensor (a scalar, or shape (1,)).
+        what: ``file: key``, for the message.
+
+    Raises:
+        UserError: more than one element, or NaN/inf.
+    """
+    if tensor.numel() != 1:
+        raise UserError(f"{what} has shape {tuple(tensor.shape)}; a kohya alpha is one number")
+    alpha = float(tensor.reshape(()).item())
+    if not math.isfinite(alpha):
+        raise UserError(f"{what} is {alpha}; a kohya alpha must be a finite number")
+    return alpha
+
+
+def check_pair(down: torch.Tensor, up: torch.Tensor, what: str) -> int:
+    """Check a LoRA down/up pair is 2-D (linear) or 4-D (conv) with matching rank; return the rank.
+
+    Args:
+        down: A, (r, in) or (r, in, kh, kw).
+        up: B, (out, r) or (out, r, 1, 1).
+        what: ``file: module``, for the message.
+
+    Raises:
+        UserError: naming both shapes.
+    """
+    if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or down.shape[0] == 0:
+        raise UserError(f"{what}: LoRA down {tuple(down.shape)} / up {tuple(up.shape)} are not a rank-r pair (r, in) / (out, r)")
+    return int(down.shape[0])
 
 
 def write_kohya(weights: LoraWeights, base_model_version: str = "sd_v1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -373,13 +412,57 @@ def _adapter_configs(metadata: dict[str, str], source: str) -> dict[str, dict[st
         return {}
     try:
         packed = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise UserError(f"{source}: header key {LORA_ADAPTER_METADATA_KEY} is not valid JSON") from None
+    if not isinstance(packed, dict):
+        raise UserError(f"{source}: header key {LORA_ADAPTER_METADATA_KEY} is a JSON {type(packed).__name__}, not an object")
     configs: dict[str, dict[str, Any]] = collections.defaultdict(dict)
     for key, value in packed.items():
         component, _, field = key.partition(".")
         configs[component][field] = value
+    for component, config in configs.items():
+        check_peft_config(config, f"{source}: {LORA_ADAPTER_METADATA_KEY} {component}")
     return configs
+
+
+def check_peft_config(config: dict[str, Any], what: str) -> None:
+    """Check the rank/alpha fields of a peft ``LoraConfig`` dict read from a file header.
+
+    ``r`` and ``rank_pattern`` values must be positive integers, ``lora_alpha`` and
+    ``alpha_pattern`` values finite numbers, ``use_rslora``/``use_dora`` booleans.
+
+    Args:
+        config: the component's config fields (without the ``unet.`` prefix).
+        what: ``file: header key component``, for the message.
+
+    Raises:
+        UserError: naming the field and its value.
+    """
+    def bad(field: str, value: Any, must: str) -> UserError:
+        return UserError(f"{what}.{field} is {json.dumps(value)[:60]}, must be {must}")
+
+    def rank_ok(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def alpha_ok(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if "r" in config and not rank_ok(config["r"]):
+        raise bad("r", config["r"], "a positive integer")
+    if "lora_alpha" in config and not alpha_ok(config["lora_alpha"]):
+        raise bad("lora_alpha", config["lora_alpha"], "a finite number")
+    for field, ok, must in (("rank_pattern", rank_ok, "a positive integer"), ("alpha_pattern", alpha_ok, "a finite number")):
+        pattern = config.get(field)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(field, pattern, "an object of module pattern -> value")
+        for key, value in pattern.items():
+            if not ok(value):
+                raise bad(f"{field}[{key!r}]", value, must)
+    for field in ("use_rslora", "use_dora"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            raise bad(field, config[field], "true or false")
 
 
 def group_peft_state_dict(
@@ -416,7 +499,7 @@ def group_peft_state_dict(
     for name, parts in groups.items():
         if PEFT_DOWN not in parts or PEFT_UP not in parts:
             raise UserError(f"{source}: module {component}.{name} lacks its lora down/up pair")
-        rank = int(parts[PEFT_DOWN].shape[0])
+        rank = check_pair(parts[PEFT_DOWN], parts[PEFT_UP], f"{source}: {component}.{name}")
         alpha = float(rank)  # diffusers convention without metadata: alpha = rank
         if config:
             alpha_pattern = config.get("alpha_pattern") or {}

@@ -25,9 +25,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="make ControlNet condition maps (canny, pose, ...) for a folder of images",
         description=(
             "Make a PNG condition map for every image under SRC (recursively) in DST, keeping "
-            "relative paths and stems. Runs on all CPU cores, skips maps newer than their "
-            "source, writes atomically; undecodable files are listed at the end (exit code 1). "
-            "SRC is never modified."
+            "relative paths and stems. Runs on all CPU cores and writes atomically. A map is "
+            "skipped as up to date only when DST's manifest (.condkit-preprocess.json) says it "
+            "was made from the same source files by the same KIND and options; any other map is "
+            "made again. A file that fails for any reason is listed as 'failed: PATH: reason' and "
+            "the rest go on (exit code 1). SRC is never modified: DST may not be SRC, a file, "
+            "the folder of an image SRC, or a folder inside SRC holding images it did not make, "
+            "and no map may land on a source."
         ),
         epilog=f"KIND: {KINDS_HELP}. Example: condkit preprocess canny photos/ maps/canny --opt low_threshold=50",
     )
@@ -36,8 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("dst", metavar="DST", help="output folder for the PNG maps")
     parser.add_argument("--force", action="store_true", help="redo maps even when they are up to date")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU core)")
-    parser.add_argument("--detect-resolution", type=int, default=None, help="short side used for detection (px)")
-    parser.add_argument("--image-resolution", type=int, default=None, help="short side of the output maps (px)")
+    # The numbers of preprocessors.registry.MAX_RESOLUTION / MAX_MAP_PIXELS, written out so
+    # that building the CLI does not import OpenCV (a test checks they agree).
+    limits = "8..4096; a map or detection image may have at most 4096 x 8192 px"
+    parser.add_argument(
+        "--detect-resolution", type=int, default=None, help=f"short side used for detection (px, {limits})"
+    )
+    parser.add_argument("--image-resolution", type=int, default=None, help=f"short side of the output maps (px, {limits})")
     parser.add_argument(
         "--opt",
         action="append",

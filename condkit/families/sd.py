@@ -1,0 +1,63 @@
+"""The SD 1.x/2.x family: one CLIP text encoder, cross-attention on its last hidden states."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+import torch
+
+from condkit.errors import UserError
+from condkit.families import Conditioning, ModelFamily
+
+# kohya LoRA key prefixes of SD 1.x/2.x files, by component (lora_unet_down_blocks_0_..., lora_te_text_model_...).
+KOHYA_PREFIXES: Mapping[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# diffusers pipeline class names by purpose (see ModelFamily.pipeline_class).
+PIPELINE_CLASSES: Mapping[str, str] = {
+    "text2image": "StableDiffusionPipeline",
+    "image2image": "StableDiffusionImg2ImgPipeline",
+    "inpaint": "StableDiffusionInpaintPipeline",
+    "controlnet": "StableDiffusionControlNetPipeline",
+    "controlnet_image2image": "StableDiffusionControlNetImg2ImgPipeline",
+    "controlnet_inpaint": "StableDiffusionControlNetInpaintPipeline",
+}
+
+
+class StableDiffusionFamily(ModelFamily):
+    """SD 1.x and 2.x (and the embedded base): U-Nets without ``addition_embed_type``."""
+
+    name: ClassVar[str] = "sd"
+    kohya_prefixes: ClassVar[Mapping[str, str]] = KOHYA_PREFIXES
+
+    @classmethod
+    def matches(cls, base) -> bool:
+        """SD 1.x/2.x U-Nets add nothing to the timestep embedding (SDXL adds ``text_time``)."""
+        return getattr(base.unet.config, "addition_embed_type", None) is None
+
+    def text_encoders(self, base) -> dict[str, torch.nn.Module]:
+        """``{"text_encoder": CLIPTextModel}``."""
+        return {"text_encoder": base.text_encoder}
+
+    def encode_prompts(self, base, prompts: list[str], device: torch.device | str | None = None) -> Conditioning:
+        """Tokenize to the tokenizer's length (77), pad, and take the last hidden states.
+
+        Args:
+            base: the base model.
+            prompts: b prompts.
+            device: where to run; default the text encoder's device.
+
+        Returns:
+            ``encoder_hidden_states`` (b, 77, d), no extra U-Net arguments.
+        """
+        device = device or base.text_encoder.device
+        tokens = base.tokenizer(
+            list(prompts), padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        return Conditioning(base.text_encoder(tokens.input_ids.to(device))[0])  # (b, 77, d)
+
+    def pipeline_class(self, purpose: str) -> type:
+        """diffusers' ``StableDiffusion*Pipeline`` for ``purpose`` (see :data:`PIPELINE_CLASSES`)."""
+        import diffusers
+
+        if purpose not in PIPELINE_CLASSES:
+            raise UserError(f"model family {self.name!r}: no pipeline for {purpose!r} (known: {', '.join(PIPELINE_CLASSES)})")
+        return getattr(diffusers, PIPELINE_CLASSES[purpose])
