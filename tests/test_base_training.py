@@ -189,3 +189,24 @@ def test_install_command_reports_a_missing_run_in_one_line(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(tmp_path / "no-run") in err
     assert not (tmp_path / "base").exists()
+
+
+def test_vae_colour_stage_continues_the_base_vae_and_keeps_its_unet_and_scale(tmp_path):
+    """The colour stage (recipes/base/vae-colours*.yaml) starts from the base's VAE, mixes flat
+    scenes and photos into the batches, anchors the shapes world's latents, and leaves the U-Net
+    and the latent scale exactly as they were (the U-Net was trained on them)."""
+    from condkit.embedded import EMBEDDED_BASE_DIR
+
+    pytest.importorskip("skimage")
+    recipe = dataclasses.replace(
+        load_vae_recipe(REPO / "recipes" / "base" / "vae-colours.yaml"), max_steps=2, batch_size=8, scale_samples=8, log_every=1
+    )
+    assert recipe.init_from_base and recipe.anchor_weight > 0 and recipe.photo_share > 0
+    folder = train_vae(recipe, tmp_path / "vae")
+    rows = [json.loads(line) for line in (tmp_path / "vae" / "vae_log.jsonl").read_text().splitlines()]
+    assert rows[0]["anchor"] == 0.0 and rows[1]["anchor"] > 0  # step 0 is the base's VAE itself
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (folder / unet).read_bytes() == (EMBEDDED_BASE_DIR / unet).read_bytes()
+    assert json.loads((folder / "unet" / "config.json").read_text()) == json.loads((EMBEDDED_BASE_DIR / "unet" / "config.json").read_text())
+    before = json.loads((EMBEDDED_BASE_DIR / "vae" / "config.json").read_text())["scaling_factor"]
+    assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] == before
