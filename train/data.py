@@ -99,7 +99,7 @@ def find_records(data, adapter_cls=None, seed: int = 0) -> list[Record]:
     """
     inputs = sample_inputs()
     if data.path == "shapes":
-        records = _shapes_records(data.shapes_count, seed, data.shapes_partial_captions, data.shapes_reference_variety, inputs)
+        records = _shapes_records(data, seed, inputs)
     else:
         root = Path(data.path)
         if data.path.startswith("fewshot/") and not root.is_dir():
@@ -132,9 +132,7 @@ def _with_preprocessor(record: Record, name: str, preprocessor: str) -> Record:
     return dataclasses.replace(record, preprocessors={**record.preprocessors, name: preprocessor})
 
 
-def _shapes_records(
-    count: int, seed: int, partial_captions: float, reference_variety: float, inputs: tuple[SampleInput, ...]
-) -> list[Record]:
+def _shapes_records(data, seed: int, inputs: tuple[SampleInput, ...]) -> list[Record]:
     """The built-in shapes world in memory: image, caption, and each declared input the
     world draws (a sample attribute of the input's name)."""
     from condkit.train.shapes_world import ShapesWorld
@@ -145,7 +143,7 @@ def _shapes_records(
             caption=s.caption,
             inputs={d.name: getattr(s, d.name) for d in inputs if getattr(s, d.name, None) is not None},
         )
-        for s in ShapesWorld(seed=seed, partial_captions=partial_captions, reference_variety=reference_variety).batch(0, count)
+        for s in ShapesWorld.for_recipe(data, seed).batch(0, data.shapes_count)
     ]
 
 

@@ -228,6 +228,16 @@ class ShapesWorld:
         self.partial_captions = float(partial_captions)
         self.reference_variety = float(reference_variety)
 
+    @classmethod
+    def for_recipe(cls, data, seed: int) -> "ShapesWorld":
+        """The training world a recipe's ``data`` section asks for (``data.path: shapes``).
+
+        Args:
+            data: the recipe's data section (``shapes_partial_captions``, ``shapes_reference_variety``).
+            seed: the recipe's seed.
+        """
+        return cls(seed=seed, partial_captions=data.shapes_partial_captions, reference_variety=data.shapes_reference_variety)
+
     def sample(self, index: int) -> ShapeSample:
         """Sample number ``index`` (any non-negative int)."""
         rng = np.random.default_rng([self.seed, int(index)])
