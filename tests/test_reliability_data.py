@@ -247,15 +247,17 @@ def test_stale_disk_cache_is_rebuilt_not_reused(tmp_path, capsys):
 def test_cache_key_changes_with_each_input(tmp_path):
     import dataclasses
     import os
+    import types
 
     import torch
 
     from condkit.train.cache import cache_key
     from condkit.train.data import Record
 
-    class Base:  # what cache_key reads of a base
+    class Base:  # what cache_key reads of a base (the model family looks at the U-Net's config)
         source = "stub"
         vae, text_encoder, image_encoder = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), None
+        unet = types.SimpleNamespace(config=types.SimpleNamespace())
 
         def fingerprint(self):
             return {"source": self.source}
@@ -272,7 +274,7 @@ def test_cache_key_changes_with_each_input(tmp_path):
     changed = [
         key(records=[dataclasses.replace(records[0], caption="a zebra"), records[1]]),
         key(records=records[:1]),
-        key(records=[dataclasses.replace(records[0], condition_preprocessor="canny"), records[1]]),
+        key(records=[dataclasses.replace(records[0], preprocessors={"condition": "canny"}), records[1]]),
         key(size=64),
         key(flip=True),
         key(with_text=False),
