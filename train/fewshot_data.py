@@ -4,8 +4,9 @@ The embedded base draws circles, squares and triangles in six colours. A concept
 is a fourth shape named by a trigger word: the shipped set (``fewshot/sks_ring/``) shows
 rings in the base's own colours captioned ``a {colour} sks on a {background}
 background``. A concept can also bring a colour the base never drew (``--colours orange
-black``: :data:`NEW_COLOURS`), such as an orange star: the embedded VAE round-trips any
-colour (its colour stage), so a LoRA can learn to draw it.
+black``: :data:`NEW_COLOURS`), such as an orange star. The shipped embedded VAE (stage 1)
+cannot show such a colour; the stage-1b VAE (``recipes/base/weights/vae-colours-3``, not
+shipped yet: condkit/embedded/base/TRAINING.md) can, and a LoRA learned one on it.
 
 Regenerate the shipped set (deterministic PNGs)::
 
