@@ -11,7 +11,8 @@ classes, so a recipe says ``kind: lora`` and the loader finds the code.
 
 The training loop (:mod:`condkit.train.loop`) talks to adapters only through the
 hooks below; several adapters can sit on one U-Net at once (one trained, the others
-frozen), and their U-Net keyword arguments are merged by :func:`merge_unet_kwargs`.
+frozen), and their U-Net keyword arguments are merged by :func:`merge_unet_kwargs`,
+which asks each kind how its own arguments combine (:meth:`Adapter.combine_unet_kwarg`).
 """
 
 from __future__ import annotations
@@ -399,6 +400,26 @@ class Adapter(ABC):
         """
         return {key: value for part in parts for key, value in part.items()}
 
+    @classmethod
+    def combine_unet_kwarg(cls, key: str, first: Any, second: Any) -> Any:
+        """One value of a U-Net argument that an earlier part and an adapter of this kind both set.
+
+        :func:`merge_unet_kwargs` asks the later adapter's kind; nested dicts
+        (``added_cond_kwargs``) never get here, their keys do (``key`` is then dotted,
+        e.g. ``added_cond_kwargs.image_embeds``). Default: a collision is an error.
+        Kinds whose arguments stack override it (ControlNet residuals add up, as in
+        diffusers' ``MultiControlNetModel``; IP-Adapter image embeddings concatenate).
+
+        Args:
+            key: the argument's name (dotted inside a nested dict).
+            first: the value set so far.
+            second: this adapter's value.
+
+        Raises:
+            UserError: this kind does not combine ``key``.
+        """
+        raise UserError(f"two adapters both set the U-Net argument {key!r} and the {cls.kind} kind does not combine it")
+
     # ---- persistence -------------------------------------------------------------
     @abstractmethod
     def save(self, out_dir: str | Path) -> list[Path]:
@@ -565,26 +586,45 @@ def check_config_keys(config: dict[str, Any], config_class: type[AdapterConfig],
         raise UserError(f"{source}: unknown config key {unknown[0]!r} (valid keys: {', '.join(fields)})")
 
 
-def merge_unet_kwargs(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge the U-Net keyword arguments of several adapters into one call.
+def merge_unet_kwargs(parts: list[tuple[Adapter | type[Adapter] | None, dict[str, Any]]]) -> dict[str, Any]:
+    """Merge the U-Net keyword arguments of several adapters (and the model family) into one call.
 
-    ControlNet residuals add up (as diffusers' ``MultiControlNetModel`` does);
-    ``added_cond_kwargs`` dicts are merged; anything else must not collide.
+    Arguments no two parts share are passed as they are; nested dicts (e.g.
+    ``added_cond_kwargs``) merge key by key; a key two parts both set is combined by the
+    later part's kind (:meth:`Adapter.combine_unet_kwarg`, e.g. residuals add up), and
+    is an error for a part that is not an adapter (the model family's own arguments).
 
     Args:
-        parts: one dict per adapter, from :meth:`Adapter.unet_kwargs`.
+        parts: ``(adapter or its class, kwargs)`` per part, in call order; the adapter is
+            None for arguments no kind owns (the family's, e.g. SDXL's pooled text).
+
+    Raises:
+        UserError: two parts set one argument and the later part's kind cannot combine them.
     """
     merged: dict[str, Any] = {}
-    for part in parts:
-        for key, value in part.items():
-            if key not in merged:
-                merged[key] = value
-            elif key == "down_block_additional_residuals":
-                merged[key] = [a + b for a, b in zip(merged[key], value)]
-            elif key == "mid_block_additional_residual":
-                merged[key] = merged[key] + value
-            elif key == "added_cond_kwargs":
-                merged[key] = {**merged[key], **value}
-            else:
-                raise ValueError(f"two adapters both set unet argument {key!r}")
+    for owner, part in parts:
+        kind_class = owner if owner is None or isinstance(owner, type) else type(owner)
+        merged = _merge_into(merged, part, kind_class, "")
     return merged
+
+
+def _merge_into(merged: dict[str, Any], part: dict[str, Any], kind_class: type[Adapter] | None, prefix: str) -> dict[str, Any]:
+    """``merged`` with ``part`` merged in (a new dict; nested dicts are merged, not shared).
+
+    Args:
+        merged: the arguments so far.
+        part: one part's arguments.
+        kind_class: the part's kind (None: not an adapter's).
+        prefix: the dotted path of a nested dict, for messages (``added_cond_kwargs.``).
+    """
+    result = dict(merged)
+    for key, value in part.items():
+        if key not in result:
+            result[key] = value
+        elif isinstance(result[key], dict) and isinstance(value, dict):
+            result[key] = _merge_into(result[key], value, kind_class, f"{prefix}{key}.")
+        elif kind_class is None:
+            raise UserError(f"two parts both set the U-Net argument {prefix + key!r}; the model family's arguments cannot be combined")
+        else:
+            result[key] = kind_class.combine_unet_kwarg(f"{prefix}{key}", result[key], value)
+    return result

@@ -9,6 +9,7 @@ the tiny SD-architecture base shipped inside the package. Nothing here downloads
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -119,7 +120,13 @@ class BaseModel:
         )
         parts.update(components)
         cls = self.family.pipeline_class(pipeline_purpose(parts))
-        pipe = cls(**parts)
+        # Not every pipeline class takes every module of the base (e.g. some have no image
+        # encoder); the base's own go unused there, an adapter's missing is an error.
+        accepted = inspect.signature(cls.__init__).parameters
+        refused = [name for name in components if name not in accepted]
+        if refused:
+            raise UserError(f"{cls.__name__} takes no {refused[0]!r} component: these adapters cannot be combined in one pipeline")
+        pipe = cls(**{name: module for name, module in parts.items() if name in accepted})
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

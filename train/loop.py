@@ -423,7 +423,7 @@ def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
         conditioning = conditioning.to(dtype=state.weight_dtype)
         hidden = conditioning.encoder_hidden_states  # (b, tokens, d)
         # The family's own U-Net arguments (SDXL: pooled text, size ids) merge with the adapters'.
-        unet_kwargs = merge_unet_kwargs([dict(conditioning.unet_kwargs), *(a.unet_kwargs(noisy_latents, timesteps, hidden, extras) for a in state.adapters)])
+        unet_kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), *((a, a.unet_kwargs(noisy_latents, timesteps, hidden, extras)) for a in state.adapters)])
         prediction = base.unet(noisy_latents, timesteps, hidden, **unet_kwargs).sample
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))  # (b,)
     weights = adapter.loss_weights(timesteps, noise_scheduler, cfg.snr_gamma)  # (b,) min-SNR by default, or None

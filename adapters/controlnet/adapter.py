@@ -196,6 +196,22 @@ class ControlNetAdapter(Adapter):
                     combined[key] = value
         return combined
 
+    @classmethod
+    def combine_unet_kwarg(cls, key: str, first: Any, second: Any) -> Any:
+        """Several ControlNets' residuals add up, as diffusers' ``MultiControlNetModel`` sums them.
+
+        Args:
+            key: ``down_block_additional_residuals`` (a list of (b, c_i, h_i, w_i), one per
+                skip connection) or ``mid_block_additional_residual`` ((b, c, h', w')).
+            first: the residuals so far.
+            second: this branch's residuals.
+        """
+        if key == "down_block_additional_residuals":
+            return [a + b for a, b in zip(first, second, strict=True)]
+        if key == "mid_block_additional_residual":
+            return first + second
+        return super().combine_unet_kwarg(key, first, second)
+
     def pipeline_call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The pipeline arguments for this branch.
 

@@ -129,8 +129,18 @@ class FullUnetAdapter(Adapter):
 
     @classmethod
     def can_load(cls, path: str | Path) -> bool:
-        """A folder with ``unet/`` U-Net weights, or a U-Net folder itself."""
-        return _weights_file(Path(path)) is not None
+        """A folder with ``unet/`` U-Net weights, or a U-Net folder itself (not another
+        diffusers model's folder, e.g. a T2I-Adapter's: its ``config.json`` names the class)."""
+        weights = _weights_file(Path(path))
+        if weights is None:
+            return False
+        import json
+
+        try:
+            class_name = json.loads((weights.parent / "config.json").read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            return True  # no readable config: the weights decide, as before
+        return class_name in (None, "UNet2DConditionModel")
 
     @classmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:

@@ -313,6 +313,20 @@ class IPAdapter(Adapter):
         one reference image each; the U-Net's ``encoder_hid_proj`` projects it."""
         return {"added_cond_kwargs": {"image_embeds": [extras[IMAGE_EMBEDS_KEY].unsqueeze(1)]}}
 
+    @classmethod
+    def combine_unet_kwarg(cls, key: str, first: Any, second: Any) -> Any:
+        """Several IP-Adapters' image embeddings side by side: one list entry per IP-Adapter
+        (diffusers' convention for ``added_cond_kwargs["image_embeds"]``).
+
+        Args:
+            key: ``added_cond_kwargs.image_embeds``.
+            first: the list so far, entries (b, 1, ...).
+            second: this adapter's list.
+        """
+        if key == "added_cond_kwargs.image_embeds":
+            return [*first, *second]
+        return super().combine_unet_kwarg(key, first, second)
+
     # ---- inference hooks ---------------------------------------------------------
     def pipeline_components(self) -> dict[str, Any]:
         """The image encoder and processor the pipeline encodes ``ip_adapter_image`` with."""

@@ -19,6 +19,7 @@ PIPELINE_CLASSES: Mapping[str, str] = {
     "controlnet": "StableDiffusionControlNetPipeline",
     "controlnet_image2image": "StableDiffusionControlNetImg2ImgPipeline",
     "controlnet_inpaint": "StableDiffusionControlNetInpaintPipeline",
+    "t2i_adapter": "StableDiffusionAdapterPipeline",
 }
 
 
