@@ -1,6 +1,8 @@
 """Base models: the frozen SD pieces every adapter attaches to.
 
-A base comes from (a) a local diffusers folder (``StableDiffusionPipeline`` layout),
+A base belongs to a model family (:mod:`condkit.families`), told from
+its U-Net config before loading; the family names the diffusers pipeline class that
+loads it. A base comes from (a) a local diffusers folder (that pipeline's layout),
 (b) a single original-format checkpoint (``.safetensors``, or ``.ckpt`` read weights-only)
 through diffusers' single-file loading with a local config folder, or (c) ``embedded``:
 the tiny SD-architecture base shipped inside the package. Nothing here downloads.
@@ -32,9 +34,12 @@ class BaseModel:
 
     Attributes:
         source: where it came from (``embedded``, a folder or a file).
-        unet, vae, text_encoder, tokenizer: the usual SD components.
+        unet, vae, text_encoder, tokenizer: the usual SD components (``text_encoder``
+            may be None where the family's pipeline allows it).
         scheduler: the inference scheduler from the base's own config.
         image_encoder, feature_extractor: CLIP vision encoder for IP-Adapter (optional).
+        text_encoder_2, tokenizer_2: a second text encoder and its tokenizer, for
+            families that have one (diffusers' component names); None otherwise.
     """
 
     source: str
@@ -45,6 +50,8 @@ class BaseModel:
     scheduler: Any
     image_encoder: Any = None
     feature_extractor: Any = None
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -86,22 +93,25 @@ class BaseModel:
             "source": self.source,
         }
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The base's torch modules that are present (U-Net, VAE, text and image encoders)."""
+        candidates = (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder)
+        return [module for module in candidates if module is not None]
+
     def freeze(self) -> None:
         """Freeze every component and put it in eval mode (adapters bring their own parameters)."""
-        for module in (self.unet, self.vae, self.text_encoder, self.image_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-                module.eval()
+        for module in self.modules():
+            module.requires_grad_(False)
+            module.eval()
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> BaseModel:
         """Move the frozen components to ``device`` (and ``dtype``), in place; returns self."""
-        for module in (self.unet, self.vae, self.text_encoder, self.image_encoder):
-            if module is not None:
-                module.to(device=device, dtype=dtype if dtype not in (None, torch.float32) else None)
+        for module in self.modules():
+            module.to(device=device, dtype=dtype if dtype not in (None, torch.float32) else None)
         return self
 
     def pipeline(self, **components: Any):
-        """A ``StableDiffusionPipeline`` sharing this base's modules.
+        """The family's diffusers pipeline (e.g. ``StableDiffusionPipeline``) sharing this base's modules.
 
         Args:
             components: replacements or additions; an adapter kind's own component
@@ -112,6 +122,8 @@ class BaseModel:
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=self.tokenizer_2,
             scheduler=self.scheduler,
             image_encoder=self.image_encoder,
             feature_extractor=self.feature_extractor,
@@ -122,11 +134,10 @@ class BaseModel:
         cls = self.family.pipeline_class(pipeline_purpose(parts))
         # Not every pipeline class takes every module of the base (e.g. some have no image
         # encoder); the base's own go unused there, an adapter's missing is an error.
-        accepted = inspect.signature(cls.__init__).parameters
-        refused = [name for name in components if name not in accepted]
+        refused = [name for name in components if name not in _accepted(cls, components)]
         if refused:
             raise UserError(f"{cls.__name__} takes no {refused[0]!r} component: these adapters cannot be combined in one pipeline")
-        pipe = cls(**{name: module for name, module in parts.items() if name in accepted})
+        pipe = cls(**_accepted(cls, parts))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -178,16 +189,25 @@ def load_base(spec: str | os.PathLike = EMBEDDED, config: str | os.PathLike | No
 
 
 def _load_folder(path: Path, source: str) -> BaseModel:
-    from diffusers import StableDiffusionPipeline
+    from condkit.families import family_of_folder
 
     check_model_folder(path)
+    cls = family_of_folder(path).pipeline_class("text2image")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, safety_checker=None, requires_safety_checker=False, local_files_only=True
-        )
+        pipe = cls.from_pretrained(path, local_files_only=True, **_accepted(cls, NO_SAFETY_CHECKER))
     except load_errors() as exc:
-        raise UserError(f"{path}: cannot load as a Stable Diffusion folder ({_first_line(exc)})") from None
+        raise UserError(f"{path}: cannot load as a {cls.__name__} folder ({_first_line(exc)})") from None
     return _from_pipeline(pipe, source, path)
+
+
+# Keyword arguments that turn off the safety checker, for the pipeline classes that have one.
+NO_SAFETY_CHECKER: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+
+
+def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``kwargs`` a pipeline class's ``__init__`` takes (not every family's pipeline has a safety checker)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {name: value for name, value in kwargs.items() if name in accepted}
 
 
 def check_model_folder(folder: Path) -> None:
@@ -242,7 +262,7 @@ def load_clip_image_encoder(folder: Path):
 
 
 def _load_single_file(path: Path, config: str | os.PathLike | None) -> BaseModel:
-    from diffusers import StableDiffusionPipeline
+    from condkit.families import family_of_folder
 
     if config is None:
         raise UserError(
@@ -257,18 +277,16 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> BaseModel
         check_safetensors_header(path)
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
+    # The config folder tells the family (its U-Net config), hence the pipeline class.
+    cls = family_of_folder(Path(config)).pipeline_class("text2image")
+
     try:
         # diffusers reads .ckpt with torch.load(weights_only=True) on current torch.
         # image_encoder=None: diffusers only looks for diffusers-named weight files in the
         # config folder, so a transformers CLIP vision encoder there would fail to load;
         # _from_pipeline loads it from the config folder instead.
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(config),
-            local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-            image_encoder=None,
+        pipe = cls.from_single_file(
+            str(path), config=str(config), local_files_only=True, image_encoder=None, **_accepted(cls, NO_SAFETY_CHECKER)
         )
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as exc:
         # diffusers raises OSError when the file itself cannot be read; for a pickle that
@@ -276,7 +294,7 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> BaseModel
         unreadable_pickle = isinstance(exc, OSError) and path.suffix == ".ckpt"
         why = "; .ckpt is read weights-only, pickled objects are refused" if unreadable_pickle else ""
         raise UserError(
-            f"{path}: cannot load as an SD checkpoint with config {config} ({_first_line(exc)}{why})"
+            f"{path}: cannot load as a {cls.__name__} checkpoint with config {config} ({_first_line(exc)}{why})"
         ) from None
     return _from_pipeline(pipe, str(path), Path(config))
 
@@ -295,6 +313,8 @@ def _from_pipeline(pipe, source: str, folder: Path) -> BaseModel:
         scheduler=pipe.scheduler,
         image_encoder=image_encoder,
         feature_extractor=feature_extractor,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
     )
     base.freeze()
     return base

@@ -17,3 +17,11 @@ def exported_base(tmp_path_factory):
     from condkit.base import export_embedded
 
     return export_embedded(tmp_path_factory.mktemp("base") / "embedded")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL-architecture base (random weights) as a plain diffusers folder."""
+    from sdxl_tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")

@@ -32,7 +32,7 @@ CAPTIONS_METADATA = "condkit_captions"
 # Prefix of the prompt-conditioning tensors in a disk cache (text.encoder_hidden_states, ...).
 CONDITIONING_PREFIX = "text."
 # Bumped when what an encoding means changes (the image loader, the key's contents).
-CACHE_FORMAT = 3  # 3: prompt conditioning stored as the model family's named tensors
+CACHE_FORMAT = 4  # 3: prompt conditioning stored as the model family's named tensors; 4: image sizes
 
 
 @dataclasses.dataclass
@@ -48,6 +48,7 @@ class EncodedSet:
             trains (then captions are encoded every step).
         captions: the n captions.
         extras: adapter encodings, name -> (variants, n, ...).
+        sizes: (variants, n, 6) each sample's image sizes (``condkit.train.data.SIZES``).
     """
 
     latent_mean: torch.Tensor
@@ -56,6 +57,7 @@ class EncodedSet:
     conditioning: dict[str, torch.Tensor] | None
     captions: list[str]
     extras: dict[str, torch.Tensor]
+    sizes: torch.Tensor
 
     def batch(self, indices: list[int], flips: list[bool]) -> dict:
         """Gather a batch: latent distribution, prompt conditioning (if cached), extras.
@@ -71,6 +73,7 @@ class EncodedSet:
             "latent_std": self.latent_std[variant, index],
             "caption": [self.captions[i] for i in indices],
             "extras": {k: v[variant, index] for k, v in self.extras.items()},
+            "sizes": self.sizes[variant, index],  # (b, 6)
         }
         if self.conditioning is not None:
             out["conditioning"] = Conditioning.from_tensors(self.conditioning).take(self.caption_index[index])  # batch b
@@ -89,7 +92,7 @@ class EncodedSet:
         """
         from condkit.io import save_safetensors_atomic, write_json_atomic
 
-        tensors = {"latent_mean": self.latent_mean, "latent_std": self.latent_std, "caption_index": self.caption_index}
+        tensors = {"latent_mean": self.latent_mean, "latent_std": self.latent_std, "caption_index": self.caption_index, "sizes": self.sizes}
         if self.conditioning is not None:
             tensors.update({CONDITIONING_PREFIX + k: v for k, v in self.conditioning.items()})
         tensors.update({f"extras.{k}": v for k, v in self.extras.items()})
@@ -111,6 +114,7 @@ class EncodedSet:
             conditioning={k[len(CONDITIONING_PREFIX) :]: v for k, v in tensors.items() if k.startswith(CONDITIONING_PREFIX)} or None,
             captions=captions,
             extras={k[len("extras.") :]: v for k, v in tensors.items() if k.startswith("extras.")},
+            sizes=tensors["sizes"],
         )
 
 
@@ -127,18 +131,19 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
         batch_size: encoding batch size.
         progress: optional callable(done, total) for a progress display.
     """
-    from condkit.train.data import collate
+    from condkit.train.data import SIZES, collate
 
     variants = (False, True) if flip else (False,)
-    means, stds, extras = [], [], {}
+    means, stds, extras, sizes = [], [], {}, []
     total = len(dataset) * len(variants)
     for variant in variants:
-        variant_means, variant_stds, variant_extras = [], [], {}
+        variant_means, variant_stds, variant_extras, variant_sizes = [], [], {}, []
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset.item(i, flip=variant) for i in range(start, min(start + batch_size, len(dataset)))])
             mean, std = latent_distribution(base, batch["pixel_values"])
             variant_means.append(mean.float().cpu())
             variant_stds.append(std.float().cpu())
+            variant_sizes.append(batch[SIZES])
             for adapter in adapters:
                 for name, value in adapter.encode_extras(batch, base).items():
                     variant_extras.setdefault(name, []).append(value.float().cpu())
@@ -146,6 +151,7 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
                 progress(len(variant_means) * batch_size, total)
         means.append(torch.cat(variant_means))
         stds.append(torch.cat(variant_stds))
+        sizes.append(torch.cat(variant_sizes))
         for name, parts in variant_extras.items():
             extras.setdefault(name, []).append(torch.cat(parts))
     captions = [record.caption for record in dataset.records]
@@ -162,6 +168,7 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
         conditioning=conditioning,
         captions=captions,
         extras={k: torch.stack(v) for k, v in extras.items()},
+        sizes=torch.stack(sizes),
     )
 
 

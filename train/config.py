@@ -62,6 +62,9 @@ class TrainConfig:
     batch_size: int = _field(1, "samples per step and process (before accumulation)", range=(1, 4096))
     learning_rate: float = _field(1e-4, "learning rate of the adapter", range=(1e-9, 1.0))
     text_encoder_learning_rate: float = _field(0.0, "learning rate of text-encoder parameters; 0 = learning_rate", range=(0.0, 1.0))
+    text_encoder_2_learning_rate: float = _field(
+        0.0, "learning rate of the second text encoder's parameters (SDXL text_encoder_2); 0 = text_encoder_learning_rate", range=(0.0, 1.0)
+    )
     gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step", range=(1, 4096))
     mixed_precision: str = _field("no", "autocast dtype for the frozen base; adapters stay fp32", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass to save memory")
@@ -80,6 +83,17 @@ class TrainConfig:
     keep_checkpoints: int = _field(2, "how many recent checkpoints to keep", range=(1, 1000))
     on_nonfinite_loss: str = _field("stop", "what a NaN/inf loss does: stop the run, or skip the step", choices=("stop", "skip"))
     log_every: int = _field(10, "log loss and speed every N steps", range=(1, 1_000_000))
+
+    def text_encoder_rates(self) -> float | dict[str, float]:
+        """The text-encoder rate(s) an adapter's ``parameter_groups`` gets.
+
+        One number (``text_encoder_learning_rate``, else ``learning_rate``) unless
+        ``text_encoder_2_learning_rate`` is set; then per text encoder by component name.
+        """
+        first = self.text_encoder_learning_rate or self.learning_rate
+        if not self.text_encoder_2_learning_rate:
+            return first
+        return {"text_encoder": first, "text_encoder_2": self.text_encoder_2_learning_rate}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,10 @@ MIN_IMAGE_SIDE = 8  # smaller images carry too little to upscale into a training
 IMAGE_COLUMNS = ("file_name", "image")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 IMAGES_FOLDER = "images"
+# Sample key of the image sizes: (6,) int64 (original height, original width, crop top,
+# crop left in the resized image (mirrored with the image on a flip), target height,
+# target width) in pixels; a batch holds (b, 6), which the model family reads.
+SIZES = "sizes"
 
 
 def sample_inputs() -> tuple[SampleInput, ...]:
@@ -352,6 +356,22 @@ def resize_and_crop(rgb: np.ndarray, size: int, crop: str, rng: random.Random) -
         crop: ``center`` or ``random``.
         rng: source of the random crop offset (seeded per sample for reproducibility).
     """
+    return resize_and_crop_box(rgb, size, crop, rng)[0]
+
+
+def resize_and_crop_box(rgb: np.ndarray, size: int, crop: str, rng: random.Random) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """:func:`resize_and_crop`, also saying where the crop lies.
+
+    Args:
+        rgb: (H, W, 3) uint8.
+        size: output side in pixels.
+        crop: ``center`` or ``random``.
+        rng: source of the random crop offset.
+
+    Returns:
+        The (size, size, 3) crop and ``(top, left, resized width)``: the crop's top-left
+        corner in the resized image and that image's width (to mirror ``left`` on a flip).
+    """
     height, width = rgb.shape[:2]
     scale = size / min(height, width)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
@@ -362,7 +382,7 @@ def resize_and_crop(rgb: np.ndarray, size: int, crop: str, rng: random.Random) -
         left, top = rng.randint(0, new_w - size), rng.randint(0, new_h - size)
     else:
         left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    return np.asarray(image.crop((left, top, left + size, top + size))), (top, left, new_w)
 
 
 def to_tensor(rgb: np.ndarray, signed: bool) -> torch.Tensor:
@@ -378,7 +398,8 @@ def to_tensor(rgb: np.ndarray, signed: bool) -> torch.Tensor:
 
 class TrainingSet(torch.utils.data.Dataset):
     """Records turned into tensors: ``pixel_values`` (3, H, W) in [-1, 1], ``caption``,
-    and each per-sample input the sample has (3, H, W) in [0, 1], under its name.
+    ``sizes`` (see :data:`SIZES`) and each per-sample input the sample has (3, H, W) in
+    [0, 1], under its name.
 
     Augmentation (random crop, flip) is drawn from ``(seed, epoch, index)``, so a
     sample is the same after a resume. Index ``i`` with ``flip`` fixed: see
@@ -425,7 +446,7 @@ class TrainingSet(torch.utils.data.Dataset):
         rng = rng or random.Random(index)
         crop_state = rng.getstate()
         original = load_rgb(record.image)
-        image = resize_and_crop(original, self.size, self.crop, rng)
+        image, (top, left, resized_width) = resize_and_crop_box(original, self.size, self.crop, rng)
         loaded = {}
         for declared in self.inputs:
             value = self._load_input(record, declared, original, image, rng, crop_state)
@@ -434,7 +455,10 @@ class TrainingSet(torch.utils.data.Dataset):
         if flip:
             image = image[:, ::-1]
             loaded = {name: value[:, ::-1] for name, value in loaded.items()}
+            left = resized_width - self.size - left  # the crop as seen in the mirrored image
         sample: dict[str, Any] = {"caption": record.caption, "pixel_values": to_tensor(image, signed=True)}  # (3, H, W) in [-1, 1]
+        # Sizes the model family may condition on (its size ids), whatever the family.
+        sample[SIZES] = torch.tensor([original.shape[0], original.shape[1], top, left, self.size, self.size])  # (6,)
         for name, value in loaded.items():
             sample[name] = to_tensor(value, signed=False)  # (3, H, W) in [0, 1]
         return sample

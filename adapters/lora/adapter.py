@@ -1,4 +1,7 @@
-"""The LoRA adapter: peft low-rank layers on the U-Net (and optionally the text encoder).
+"""The LoRA adapter: peft low-rank layers on the U-Net (and optionally the text encoders).
+
+The text encoders are the model family's (SD: ``text_encoder``; SDXL: ``text_encoder``
+and ``text_encoder_2``), each with its own learning rate (:meth:`LoraAdapter.parameter_groups`).
 
 Layers are added with ``unet.add_adapter`` / ``text_encoder.add_adapter`` (peft under
 diffusers/transformers) and loaded with diffusers' own ``load_lora_into_unet`` /
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -57,7 +60,8 @@ class LoraAdapter(Adapter):
         self.base = base
         self._add(formats.UNET, self._peft_config(formats.UNET))
         if self.config.train_text_encoder:
-            self._add(formats.TEXT_ENCODER, self._peft_config(formats.TEXT_ENCODER))
+            for component in base.family.text_encoders(base):  # SDXL: both encoders
+                self._add(component, self._peft_config(component))
 
     def detach(self) -> None:
         """Remove this adapter's layers; with no LoRA left, peft's wrappers go too."""
@@ -141,15 +145,20 @@ class LoraAdapter(Adapter):
             param.requires_grad_(True)
         return params
 
-    def parameter_groups(self, unet_lr: float, text_encoder_lr: float | None) -> list[dict[str, Any]]:
-        """Optimizer parameter groups: U-Net LoRA at ``unet_lr``, text-encoder LoRA at its own rate.
+    def parameter_groups(self, unet_lr: float, text_encoder_lr: float | Mapping[str, float] | None) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: U-Net LoRA at ``unet_lr``, each text encoder's LoRA at its own rate.
 
         Args:
             unet_lr: learning rate of the U-Net LoRA layers.
-            text_encoder_lr: learning rate of the text-encoder LoRA layers (None = ``unet_lr``).
+            text_encoder_lr: learning rate of the text-encoder LoRA layers (None = ``unet_lr``),
+                one for all encoders or per encoder (``{"text_encoder": ..., "text_encoder_2": ...}``;
+                an encoder left out takes ``text_encoder``'s).
         """
+        rates = dict(text_encoder_lr) if isinstance(text_encoder_lr, Mapping) else {formats.TEXT_ENCODER: text_encoder_lr}
+        first = rates.get(formats.TEXT_ENCODER) or unet_lr
         groups = []
-        for component, lr in ((formats.UNET, unet_lr), (formats.TEXT_ENCODER, text_encoder_lr or unet_lr)):
+        for component in formats.COMPONENTS:
+            lr = unet_lr if component == formats.UNET else rates.get(component) or first
             params = [p for key, layer in self._layers() if key.startswith(component + "/") for p in _adapter_params(layer, self.name)]
             if params:
                 groups.append({"params": params, "lr": lr, "name": f"lora_{component}"})
@@ -169,7 +178,7 @@ class LoraAdapter(Adapter):
             found, _ = formats.group_peft_state_dict(state, component, config, source=f"adapter {self.name}")
             modules += found
             configs[component] = json.loads(json.dumps(config, default=formats.jsonable))
-        return formats.LoraWeights(modules=modules, format="diffusers", peft_configs=configs)
+        return formats.LoraWeights(modules=modules, format="diffusers", peft_configs=configs, family=self.base.family.name)
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write ``pytorch_lora_weights.safetensors`` (diffusers format), ``condkit_adapter.json``, ``README.md``."""
@@ -195,8 +204,9 @@ class LoraAdapter(Adapter):
                 shapes do not fit this base (module and both shapes named).
         """
         file = weights_file(path)
-        weights = read_lora_file(file, {formats.UNET: base.unet, formats.TEXT_ENCODER: base.text_encoder})
-        check_fits(weights, {formats.UNET: base.unet, formats.TEXT_ENCODER: base.text_encoder}, str(file))
+        models = base_models(base)
+        weights = read_lora_file(file, models, family=base.family.name)
+        check_fits(weights, models, str(file))
         adapter = cls(_described_config(file) or config_from_weights(weights), name)
         adapter._check_unattached()
         adapter.base = base
@@ -221,9 +231,13 @@ class LoraAdapter(Adapter):
     @classmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:
         """Format, components, ranks/alphas, module count, conv LoRA, DoRA, base version."""
+        from condkit.io import check_safetensors_header
+
         file = weights_file(path)
-        weights = read_lora_file(file, formats.sd_skeleton_models(), strict=False)
-        info: dict[str, Any] = {"kind": cls.kind, "file": str(file), "format": weights.format, "dora": weights.use_dora}
+        keys = [k for k in check_safetensors_header(file) if k != "__metadata__"] if file.suffix == ".safetensors" else []
+        family = formats.family_of_keys(keys)
+        weights = read_lora_file(file, formats.skeleton_models(family), strict=False, family=family)
+        info: dict[str, Any] = {"kind": cls.kind, "file": str(file), "format": weights.format, "family": weights.family, "dora": weights.use_dora}
         for component in formats.COMPONENTS:
             modules = weights.component_modules(component)
             if modules:
@@ -245,19 +259,18 @@ class LoraAdapter(Adapter):
         self.check_attached()
 
     def _model(self, component: str) -> torch.nn.Module:
-        return self.base.unet if component == formats.UNET else self.base.text_encoder
+        return getattr(self.base, component)
 
     def _rewrap(self) -> None:
         """Put back peft wrappers a fuse() took out, on every model a LoRA may be on."""
         if self.base is not None:
-            for model in (self.base.unet, self.base.text_encoder):
+            for model in base_models(self.base).values():
                 rewrap_layers(model)
 
     def _unwrap(self) -> None:
         """Take merged layers out of peft's wrappers on every model a LoRA may be on."""
-        for model in (self.base.unet, self.base.text_encoder):
-            if model is not None:
-                unwrap_merged_layers(model)
+        for model in base_models(self.base).values():
+            unwrap_merged_layers(model)
 
     def _layers(self) -> list[tuple[str, Any]]:
         """("component/module name", peft LoRA layer) for every layer holding this adapter."""
@@ -324,7 +337,7 @@ class LoraAdapter(Adapter):
                 if component == formats.UNET:
                     Loader.load_lora_into_unet(state, None, model, adapter_name=self.name, metadata=metadata)
                 else:
-                    Loader.load_lora_into_text_encoder(state, None, model, adapter_name=self.name, metadata=metadata)
+                    Loader.load_lora_into_text_encoder(state, None, model, prefix=component, adapter_name=self.name, metadata=metadata)
                 _set_active(model, previous + [self.name])
             self.components += (component,)
         for _, layer in self._layers():
@@ -448,13 +461,20 @@ def weights_file(path: str | Path) -> Path:
     raise UserError(f"{path}: no such file or folder")
 
 
-def read_lora_file(file: Path, models: dict[str, torch.nn.Module], strict: bool = True) -> formats.LoraWeights:
+def base_models(base: BaseModel) -> dict[str, torch.nn.Module]:
+    """The models of ``base`` a LoRA can be on: ``unet`` and the family's text encoders."""
+    return {formats.UNET: base.unet, **base.family.text_encoders(base)}
+
+
+def read_lora_file(file: Path, models: dict[str, torch.nn.Module], strict: bool = True, family: str | None = None) -> formats.LoraWeights:
     """Read a LoRA file in any supported format.
 
     Args:
         file: the weight file.
         models: component -> model whose module names kohya keys are matched against.
         strict: unused keys are an error (False: they are only left out, for ``describe``).
+        family: the model family of ``models`` (its kohya prefixes); default: told from
+            the file (``lora_te1_``/``lora_te2_``/``text_encoder_2.`` mean SDXL).
     """
     from condkit.io import load_state_dict, read_safetensors_metadata
 
@@ -464,12 +484,16 @@ def read_lora_file(file: Path, models: dict[str, torch.nn.Module], strict: bool 
     if kind is None:
         raise UserError(f"{file}: not a LoRA file (no lora_down/lora_up or lora_A/lora_B tensors)")
     what = ", ".join(f"{c} ({type(m).__name__})" for c, m in models.items())
+    family = family or formats.family_of_keys(state, metadata)
     if kind == "kohya":
-        table = formats.kohya_name_table(models)
+        prefixes = formats.family_prefixes(family)
+        table = formats.kohya_name_table({c: m for c, m in models.items() if c in prefixes}, prefixes)
         if not strict:
             state = {k: v for k, v in state.items() if k.partition(".")[0] in table}
-        return formats.read_kohya(state, metadata, table, str(file), what)
-    return formats.read_diffusers(state, metadata, str(file))
+        return formats.read_kohya(state, metadata, table, str(file), what, family=family)
+    weights = formats.read_diffusers(state, metadata, str(file))
+    weights.family = family
+    return weights
 
 
 def check_fits(weights: formats.LoraWeights, models: dict[str, torch.nn.Module], source: str) -> None:
@@ -521,7 +545,7 @@ def _described_config(file: Path) -> LoraConfig | None:
 def config_from_weights(weights: formats.LoraWeights) -> LoraConfig:
     """A :class:`LoraConfig` describing a file made elsewhere (most common rank/alpha, exact targets)."""
     unet = weights.component_modules(formats.UNET)
-    text = weights.component_modules(formats.TEXT_ENCODER)
+    text = [m for c in formats.TEXT_ENCODERS for m in weights.component_modules(c)]
     main = unet or text
     rank = formats.most_common(m.rank for m in main)
     return LoraConfig(
@@ -532,14 +556,14 @@ def config_from_weights(weights: formats.LoraWeights) -> LoraConfig:
         train_text_encoder=bool(text),
         text_encoder_rank=formats.most_common(m.rank for m in text) if text else None,
         text_encoder_alpha=float(formats.most_common(m.alpha for m in text)) if text else None,
-        text_encoder_target_modules=tuple(m.path.removeprefix(formats.TEXT_MODEL_PREFIX) for m in text) or "attention",
+        text_encoder_target_modules=tuple(dict.fromkeys(m.path.removeprefix(formats.TEXT_MODEL_PREFIX) for m in text)) or "attention",
     )
 
 
 def model_card(config: LoraConfig, base: BaseModel, weights: formats.LoraWeights) -> str:
     """A short README.md: what the LoRA is and how to load it in diffusers, ComfyUI and A1111."""
     targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules)
-    text = weights.component_modules(formats.TEXT_ENCODER)
+    text = [m for c in formats.TEXT_ENCODERS for m in weights.component_modules(c)]
     return "\n".join(
         [
             "---",
@@ -552,14 +576,14 @@ def model_card(config: LoraConfig, base: BaseModel, weights: formats.LoraWeights
             f"- rank {config.rank}, alpha {config.effective_alpha:g} (scale alpha/rank = {config.effective_alpha / config.rank:g})"
             + (", DoRA" if config.use_dora else ""),
             f"- U-Net targets: {targets} ({len(weights.component_modules(formats.UNET))} modules)",
-            f"- text encoder: {len(text)} modules" if text else "- text encoder: not adapted",
+            f"- text encoder(s): {len(text)} modules" if text else "- text encoder: not adapted",
             "",
             "## Use",
             "",
             "diffusers:",
             "",
             "```python",
-            "pipe.load_lora_weights('THIS_FOLDER')  # a StableDiffusionPipeline of the same base",
+            f"pipe.load_lora_weights('THIS_FOLDER')  # a {base.family.pipeline_class('text2image').__name__} of the same base",
             "pipe.set_adapters(['default_0'], adapter_weights=[0.8])  # optional strength",
             "```",
             "",

@@ -19,6 +19,11 @@ are copied, never recomputed.
   encoder, ``ss_*`` training metadata in the header. Conv LoRA has a kxk ``lora_down``
   and a 1x1 ``lora_up``.
 
+SDXL (a second text encoder, ``text_encoder_2``): diffusers files add
+``text_encoder_2.*`` keys; kohya files name the encoders ``lora_te1_*`` / ``lora_te2_*``.
+The prefixes belong to the model family (:attr:`condkit.families.ModelFamily.kohya_prefixes`);
+:attr:`LoraWeights.family` says which family's a LoRA is.
+
 kohya names replace every ``.`` of the module path by ``_``, which cannot be undone by
 string rules alone (``down_blocks_0`` vs ``to_out_0``), so kohya keys are matched
 against a table of the real module names of a model (:func:`kohya_name_table`).
@@ -42,9 +47,12 @@ from condkit.families.sd import KOHYA_PREFIXES as SD_KOHYA_PREFIXES
 
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
-COMPONENTS = (UNET, TEXT_ENCODER)
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second text encoder (diffusers' component name)
+TEXT_ENCODERS = (TEXT_ENCODER, TEXT_ENCODER_2)
+COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+SD, SDXL = "sd", "sdxl"  # model family names (condkit.families)
 # The SD 1.x/2.x family owns its kohya prefixes (lora_unet_, lora_te_); another family brings its own.
-KOHYA_PREFIXES = {component: SD_KOHYA_PREFIXES[component] for component in COMPONENTS}
+KOHYA_PREFIXES = {component: SD_KOHYA_PREFIXES[component] for component in (UNET, TEXT_ENCODER)}
 TEXT_MODEL_PREFIX = "text_model."
 # peft's per-module LoRA tensor names (after diffusers' conversion to peft naming).
 PEFT_DOWN, PEFT_UP, PEFT_MAGNITUDE = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
@@ -57,7 +65,7 @@ class LoraModule:
     """One adapted module.
 
     Attributes:
-        component: ``unet`` or ``text_encoder``.
+        component: ``unet``, ``text_encoder`` or ``text_encoder_2``.
         path: canonical module path (``down_blocks.0...attn1.to_q``, ``text_model.encoder...q_proj``).
         down: A, (r, in) for linear, (r, in, kh, kw) for conv.
         up: B, (out, r) for linear, (out, r, 1, 1) for conv.
@@ -98,6 +106,7 @@ class LoraWeights:
         use_rslora: scale is alpha / sqrt(r) (peft rsLoRA); only the diffusers format can say so.
         peft_configs: component -> the peft ``LoraConfig`` dict it was trained with, when
             known (a condkit-trained adapter); written as is instead of being rebuilt.
+        family: the model family it is for (``sd``, ``sdxl``): its kohya key prefixes.
     """
 
     modules: list[LoraModule]
@@ -105,6 +114,7 @@ class LoraWeights:
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
     peft_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    family: str = SD
 
     def component_modules(self, component: str) -> list[LoraModule]:
         return [m for m in self.modules if m.component == component]
@@ -116,15 +126,15 @@ class LoraWeights:
 
 # ---- module names ------------------------------------------------------------------
 def canonical_path(component: str, name: str) -> str:
-    """The canonical path of a module name (text encoder: with ``text_model.``)."""
-    if component == TEXT_ENCODER and not name.startswith(TEXT_MODEL_PREFIX):
+    """The canonical path of a module name (text encoders: with ``text_model.``)."""
+    if component in TEXT_ENCODERS and not name.startswith(TEXT_MODEL_PREFIX):
         return TEXT_MODEL_PREFIX + name
     return name
 
 
 def model_path(model: torch.nn.Module, component: str, path: str) -> str:
     """The module name of a canonical ``path`` inside ``model`` (transformers 5 drops ``text_model.``)."""
-    if component == TEXT_ENCODER and not hasattr(model, "text_model"):
+    if component in TEXT_ENCODERS and not hasattr(model, "text_model"):
         return path.removeprefix(TEXT_MODEL_PREFIX)
     return path
 
@@ -146,18 +156,47 @@ def adaptable_module_names(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def kohya_name_table(models: dict[str, torch.nn.Module]) -> dict[str, tuple[str, str]]:
+def kohya_name_table(models: dict[str, torch.nn.Module], prefixes: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
     """Map kohya module names to (component, canonical path), from real modules.
 
+    Text-encoder modules are found under both kohya spellings: with ``text_model_``
+    (sd-scripts, older tools) and without (tools on transformers 5's ``CLIPTextModel``).
+
     Args:
-        models: component name (``unet``, ``text_encoder``) -> model.
+        models: component name (``unet``, ``text_encoder``, ``text_encoder_2``) -> model.
+        prefixes: component -> kohya prefix (the model family's); default SD's.
     """
+    prefixes = KOHYA_PREFIXES if prefixes is None else prefixes
     table = {}
     for component, model in models.items():
         for name in adaptable_module_names(model):
             path = canonical_path(component, name)
-            table[KOHYA_PREFIXES[component] + path.replace(".", "_")] = (component, path)
+            table[prefixes[component] + path.replace(".", "_")] = (component, path)
+    for component, model in models.items():  # second spelling only where it names nothing else
+        if component in TEXT_ENCODERS:
+            for name in adaptable_module_names(model):
+                path = canonical_path(component, name)
+                table.setdefault(prefixes[component] + path.removeprefix(TEXT_MODEL_PREFIX).replace(".", "_"), (component, path))
     return table
+
+
+def family_prefixes(family: str) -> dict[str, str]:
+    """The kohya key prefixes of a model family (``sd``: ``lora_te_``; ``sdxl``: ``lora_te1_``/``lora_te2_``)."""
+    from condkit.families import get_family
+
+    return dict(get_family(family).kohya_prefixes)
+
+
+def family_of_keys(keys: Iterable[str], metadata: dict[str, str] | None = None) -> str:
+    """The model family a LoRA file is for, from its keys (and kohya header), without a base.
+
+    ``lora_te1_``/``lora_te2_``/``text_encoder_2.`` keys or an ``ss_base_model_version``
+    starting with ``sdxl`` mean SDXL; anything else SD.
+    """
+    sdxl_prefixes = tuple(family_prefixes(SDXL)[c] for c in TEXT_ENCODERS) + (f"{TEXT_ENCODER_2}.",)
+    if any(k.startswith(sdxl_prefixes) for k in keys):
+        return SDXL
+    return SDXL if (metadata or {}).get("ss_base_model_version", "").startswith("sdxl") else SD
 
 
 def sd_skeleton_models() -> dict[str, torch.nn.Module]:
@@ -175,13 +214,48 @@ def sd_skeleton_models() -> dict[str, torch.nn.Module]:
     return {UNET: unet, TEXT_ENCODER: text_encoder}
 
 
+def sdxl_skeleton_models() -> dict[str, torch.nn.Module]:
+    """The SDXL 1.0 U-Net and both text encoders (CLIP-L, OpenCLIP bigG) on the meta device.
+
+    Used to convert SDXL kohya files without a base (module names only).
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            layers_per_block=2,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(num_hidden_layers=12, hidden_size=768, intermediate_size=3072))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(num_hidden_layers=32, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280)
+        )
+    return {UNET: unet, TEXT_ENCODER: text_encoder, TEXT_ENCODER_2: text_encoder_2}
+
+
+def skeleton_models(family: str) -> dict[str, torch.nn.Module]:
+    """Meta-device models of a family's usual architecture (:func:`sd_skeleton_models`, :func:`sdxl_skeleton_models`)."""
+    return sdxl_skeleton_models() if family == SDXL else sd_skeleton_models()
+
+
 # ---- detection -----------------------------------------------------------------------
 def detect_format(keys: Iterable[str]) -> str | None:
     """``kohya``, ``diffusers`` or None (not a LoRA file) from the tensor names."""
     keys = list(keys)
     if not keys:
         return None
-    if all(k.startswith(tuple(KOHYA_PREFIXES.values())) or k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+    kohya = tuple(KOHYA_PREFIXES.values()) + tuple(family_prefixes(SDXL).values())
+    if all(k.startswith(kohya) for k in keys):
         return "kohya"
     markers = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "lora_linear_layer.", "_lora.down.", "_lora.up.")
     if any(marker in k for k in keys for marker in markers):
@@ -203,7 +277,12 @@ def unmatched_error(source: str, keys: Iterable[str], what: str) -> UserError:
 
 # ---- kohya -----------------------------------------------------------------------------
 def read_kohya(
-    state_dict: dict[str, torch.Tensor], metadata: dict[str, str], table: dict[str, tuple[str, str]], source: str, what: str
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    table: dict[str, tuple[str, str]],
+    source: str,
+    what: str,
+    family: str = SD,
 ) -> LoraWeights:
     """Read a kohya/A1111 LoRA state dict.
 
@@ -213,6 +292,7 @@ def read_kohya(
         table: :func:`kohya_name_table` of the target models.
         source: file name for error messages.
         what: description of the target models for error messages.
+        family: the model family whose prefixes ``table`` uses (kept on the result).
 
     Raises:
         UserError: keys that match no module (listed), or a module without its down/up pair.
@@ -249,7 +329,7 @@ def read_kohya(
             )
         )
     kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec."))}
-    return LoraWeights(modules=modules, format="kohya", metadata=kept)
+    return LoraWeights(modules=modules, format="kohya", metadata=kept, family=family)
 
 
 def kohya_alpha(tensor: torch.Tensor, what: str) -> float:
@@ -286,12 +366,16 @@ def check_pair(down: torch.Tensor, up: torch.Tensor, what: str) -> int:
     return int(down.shape[0])
 
 
-def write_kohya(weights: LoraWeights, base_model_version: str = "sd_v1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def write_kohya(weights: LoraWeights, base_model_version: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Kohya/A1111 tensors and ``ss_*`` header metadata for ``weights``.
+
+    Keys take the prefixes of the LoRA's model family (``lora_te_`` for SD,
+    ``lora_te1_``/``lora_te2_`` for SDXL).
 
     Args:
         weights: the LoRA.
-        base_model_version: ``ss_base_model_version`` (``sd_v1`` for SD 1.x).
+        base_model_version: ``ss_base_model_version`` (default the family's: ``sd_v1``,
+            ``sdxl_base_v1-0``).
 
     Raises:
         UserError: DoRA or rsLoRA weights (the kohya LoRA format cannot express them).
@@ -300,9 +384,16 @@ def write_kohya(weights: LoraWeights, base_model_version: str = "sd_v1") -> tupl
         raise UserError("kohya format: this LoRA uses DoRA, which networks.lora files cannot hold; keep the diffusers format")
     if weights.use_rslora:
         raise UserError("kohya format: this LoRA uses rsLoRA scaling (alpha/sqrt(r)), which kohya files cannot hold")
+    from condkit.families import get_family
+
+    family = get_family(weights.family)
+    base_model_version = base_model_version or family.kohya_base_model_version
+    prefixes = family_prefixes(weights.family)
     tensors: dict[str, torch.Tensor] = {}
     for module in weights.modules:
-        name = KOHYA_PREFIXES[module.component] + module.path.replace(".", "_")
+        if module.component not in prefixes:
+            raise UserError(f"kohya format: model family {weights.family!r} has no {module.component} (module {module.path})")
+        name = prefixes[module.component] + module.path.replace(".", "_")
         tensors[f"{name}.{KOHYA_DOWN}"] = module.down
         tensors[f"{name}.{KOHYA_UP}"] = module.up
         tensors[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(module.alpha, dtype=torch.float32)
@@ -328,7 +419,7 @@ def kohya_metadata(weights: LoraWeights, base_model_version: str) -> dict[str, s
         args = {"conv_dim": str(most_common(m.rank for m in conv)), "conv_alpha": _number(most_common(m.alpha for m in conv))}
     metadata["ss_network_args"] = json.dumps(args)
     metadata["ss_text_encoder_lr"] = metadata.get("ss_text_encoder_lr", "None")
-    metadata["ss_network_train_unet_only"] = str(not weights.component_modules(TEXT_ENCODER))
+    metadata["ss_network_train_unet_only"] = str(not any(weights.component_modules(c) for c in TEXT_ENCODERS))
     return metadata
 
 
@@ -381,7 +472,8 @@ def read_diffusers(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]
         raise unmatched_error(source, unmatched, "the diffusers LoRA layout (unet.* / text_encoder.* lora tensors)")
     kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec."))}
     use_rslora = any(bool(c.get("use_rslora")) for c in configs.values())
-    return LoraWeights(modules=modules, format="diffusers", metadata=kept, use_rslora=use_rslora)
+    family = SDXL if TEXT_ENCODER_2 in parts else family_of_keys((), kept)
+    return LoraWeights(modules=modules, format="diffusers", metadata=kept, use_rslora=use_rslora, family=family)
 
 
 def _split_components(state_dict: dict[str, torch.Tensor]) -> dict[str | None, dict[str, torch.Tensor]]:
@@ -476,7 +568,7 @@ def group_peft_state_dict(
 
     Args:
         peft_sd: ``<module>.lora_A.weight`` ... tensors of one component.
-        component: ``unet`` or ``text_encoder``.
+        component: ``unet``, ``text_encoder`` or ``text_encoder_2``.
         config: peft ``LoraConfig`` as a dict (r, lora_alpha, patterns), or None (alpha = rank).
         source: name for error messages.
         origin: peft key -> key as in the file, for listing unmatched keys.
@@ -538,7 +630,7 @@ def peft_layers(weights: LoraWeights, component: str) -> dict[str, torch.Tensor]
     """
     out = {}
     for module in weights.component_modules(component):
-        name = module.path.removeprefix(TEXT_MODEL_PREFIX) if component == TEXT_ENCODER else module.path
+        name = module.path.removeprefix(TEXT_MODEL_PREFIX) if component in TEXT_ENCODERS else module.path
         out[f"{name}.{PEFT_DOWN}"] = module.down
         out[f"{name}.{PEFT_UP}"] = module.up
         if module.magnitude is not None:
@@ -557,7 +649,7 @@ def peft_config_kwargs(weights: LoraWeights, component: str) -> dict[str, Any] |
     modules = weights.component_modules(component)
     if not modules:
         return None
-    names = {m.path: (m.path.removeprefix(TEXT_MODEL_PREFIX) if component == TEXT_ENCODER else m.path) for m in modules}
+    names = {m.path: (m.path.removeprefix(TEXT_MODEL_PREFIX) if component in TEXT_ENCODERS else m.path) for m in modules}
     rank = most_common(m.rank for m in modules)
     alpha = most_common(m.alpha for m in modules)
     config = PeftLoraConfig(
@@ -584,7 +676,7 @@ def write_diffusers(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict
     """Tensors and header of ``pytorch_lora_weights.safetensors`` as ``save_lora_weights`` lays them out.
 
     Keys are ``unet.<module>.lora_A.weight`` / ``text_encoder.text_model.<module>.lora_A.weight``
-    (peft naming, as ``unet.save_lora_adapter`` writes), with the peft ``LoraConfig`` per
+    (and ``text_encoder_2.`` for SDXL; peft naming, as ``unet.save_lora_adapter`` writes), with the peft ``LoraConfig`` per
     component in the ``lora_adapter_metadata`` header. Not passed through
     ``convert_state_dict_to_diffusers``: that renames only the attention projections
     (``to_q.lora.down``) and leaves conv/ff layers as ``lora_A``, and stock
@@ -601,7 +693,7 @@ def write_diffusers(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict
         layers = peft_layers(weights, component)
         if not layers:
             continue
-        if component == TEXT_ENCODER:
+        if component in TEXT_ENCODERS:
             layers = {TEXT_MODEL_PREFIX + k: v for k, v in layers.items()}  # canonical SD naming
         tensors.update({f"{component}.{k}": v for k, v in layers.items()})
         config = weights.peft_configs.get(component) or peft_config_kwargs(weights, component) or {}

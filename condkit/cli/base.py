@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     export.add_argument("dir", type=Path, help="destination folder (must not exist unless --overwrite)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     export.set_defaults(run=run_export)
-    info = actions.add_parser("info", help="describe a base", description="Load a base offline and print its sizes.")
+    info = actions.add_parser("info", help="describe a base", description="Load a base offline and print its model family and sizes.")
     info.add_argument("spec", nargs="?", default="embedded", help="'embedded', a diffusers folder, or a checkpoint file")
     info.add_argument("--base-config", help="local diffusers folder with configs, for a single-file base")
     info.set_defaults(run=run_info)
@@ -41,6 +41,8 @@ def run_info(args: argparse.Namespace) -> int:
 
     base = load_base(args.spec, args.base_config)
     info = base.fingerprint() | {
+        "family": base.family.name,
+        "text_encoders": list(base.family.text_encoders(base)),
         "prediction_type": base.prediction_type,
         "vae_scale_factor": base.vae_scale_factor,
         "image_encoder": base.image_encoder is not None,

@@ -20,8 +20,8 @@ def add_parser(subparsers) -> None:
         help="convert a LoRA between the diffusers and kohya/A1111 formats",
         description=(
             "Convert a LoRA file (or a folder with pytorch_lora_weights.safetensors) to the kohya/A1111/ComfyUI "
-            "format (lora_unet_*/lora_te_* with .alpha tensors and ss_* metadata) or to the diffusers format. "
-            "kohya names are matched against SD 1.x/2.x module names, or those of --base."
+            "format (lora_unet_*/lora_te_* with .alpha tensors and ss_* metadata; SDXL: lora_te1_*/lora_te2_*) or to the "
+            "diffusers format. kohya names are matched against SD 1.x/2.x or SDXL module names (told from the file), or those of --base."
         ),
     )
     parser.add_argument("src", type=Path, help="LoRA file or folder")
@@ -29,7 +29,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
     parser.add_argument("--base", default=None, help="match module names against this base (embedded, folder or checkpoint)")
     parser.add_argument("--base-config", default=None, help="config folder for a single-file --base")
-    parser.add_argument("--base-model-version", default="sd_v1", help="ss_base_model_version written to kohya files (default sd_v1)")
+    parser.add_argument(
+        "--base-model-version", default=None, help="ss_base_model_version written to kohya files (default the family's: sd_v1, sdxl_base_v1-0)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.set_defaults(run=run)
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{dst}: is the input file; write the conversion somewhere else")
     if dst.exists() and not args.overwrite:
         raise UserError(f"{dst}: already exists (pass --overwrite to replace it)")
-    weights = read_lora_file(src, _name_models(args.base, args.base_config))
+    models, family = _name_models(src, args.base, args.base_config)
+    weights = read_lora_file(src, models, family=family)
     if args.to == "kohya":
         tensors, metadata = formats.write_kohya(weights, args.base_model_version)
     else:
@@ -62,12 +65,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _name_models(base: str | None, base_config: str | None) -> dict:
+def _name_models(src: Path, base: str | None, base_config: str | None) -> tuple[dict, str]:
+    """The models kohya names are matched against, and their model family.
+
+    Args:
+        src: the LoRA file (without ``--base``, its keys tell SD from SDXL).
+        base: ``--base``, or None for the family's usual architecture on the meta device.
+        base_config: ``--base-config``.
+    """
     from condkit.adapters.lora import formats
+    from condkit.adapters.lora.adapter import base_models
 
     if base is None:
-        return formats.sd_skeleton_models()
+        from condkit.io import check_safetensors_header, load_state_dict, read_safetensors_metadata
+
+        if src.suffix == ".safetensors":
+            keys, metadata = [k for k in check_safetensors_header(src) if k != "__metadata__"], read_safetensors_metadata(src)
+        else:
+            keys, metadata = list(load_state_dict(src)), {}
+        family = formats.family_of_keys(keys, metadata)
+        if formats.detect_format(keys) != "kohya":  # only kohya names need modules to match
+            return {}, family
+        return formats.skeleton_models(family), family
     from condkit.base import load_base
 
     loaded = load_base(base, base_config)
-    return {formats.UNET: loaded.unet, formats.TEXT_ENCODER: loaded.text_encoder}
+    return base_models(loaded), loaded.family.name

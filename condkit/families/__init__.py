@@ -1,6 +1,6 @@
 """Model families: how a base model turns prompts into U-Net conditioning.
 
-A base model belongs to one *family* (SD 1.x/2.x today). The family owns everything
+A base model belongs to one *family* (SD 1.x/2.x, SDXL). The family owns everything
 that differs between families of the same diffusers U-Net design: its tokenizers and
 text encoders, what the U-Net is called with besides the latents and timesteps
 (``encoder_hidden_states``; SDXL adds pooled text embeddings and size ids through
@@ -26,7 +26,7 @@ import torch
 from condkit.errors import UserError
 
 # The families condkit knows, tried in order by :func:`family_of` ("module:Class").
-FAMILIES: tuple[str, ...] = ("condkit.families.sd:StableDiffusionFamily",)
+FAMILIES: tuple[str, ...] = ("condkit.families.sd:StableDiffusionFamily", "condkit.families.sdxl:StableDiffusionXLFamily")
 # Separator of nested keys in :meth:`Conditioning.tensors` (``unet_kwargs.added_cond_kwargs.time_ids``).
 KEY_SEPARATOR = "."
 HIDDEN_STATES_KEY = "encoder_hidden_states"
@@ -133,15 +133,39 @@ class ModelFamily(ABC):
         name: the family's name (``sd``), as ``condkit inspect`` shows it.
         kohya_prefixes: component name -> prefix of its keys in kohya LoRA files
             (``{"unet": "lora_unet_", "text_encoder": "lora_te_"}`` for SD).
+        kohya_base_model_version: ``ss_base_model_version`` written to kohya files.
+        pipeline_class_names: the diffusers pipeline classes whose folders (``model_index.json``
+            ``_class_name``) hold a base of this family.
     """
 
     name: ClassVar[str]
     kohya_prefixes: ClassVar[Mapping[str, str]]
+    kohya_base_model_version: ClassVar[str]
+    pipeline_class_names: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod
+    def matches_config(cls, unet_config: Mapping[str, Any]) -> bool:
+        """Whether a U-Net with this config (``unet/config.json``) belongs to this family."""
+
+    @classmethod
     def matches(cls, base) -> bool:
         """Whether ``base`` (a :class:`condkit.base.BaseModel`) belongs to this family."""
+        config = base.unet.config
+        return cls.matches_config(config if isinstance(config, Mapping) else vars(config))
+
+    def with_sample_sizes(self, conditioning: Conditioning, sizes: torch.Tensor) -> Conditioning:
+        """Put each training sample's image sizes into its conditioning. Default: unchanged.
+
+        The data layer records, per sample, the original image size, the top-left corner
+        of the crop and the size trained at; families that condition on them (SDXL's
+        ``time_ids``) override this.
+
+        Args:
+            conditioning: batch b (after caption dropout).
+            sizes: (b, 6) ``(original h, original w, crop top, crop left, target h, target w)`` in pixels.
+        """
+        return conditioning
 
     @abstractmethod
     def text_encoders(self, base) -> dict[str, torch.nn.Module]:
@@ -198,6 +222,50 @@ def family_of(base) -> ModelFamily:
         f"U-Net addition_embed_type={getattr(config, 'addition_embed_type', None)!r}, "
         f"cross_attention_dim={getattr(config, 'cross_attention_dim', None)!r}"
     )
+
+
+def family_of_folder(folder, unet_config: Mapping[str, Any] | None = None) -> ModelFamily:
+    """The family of a diffusers base folder, before loading it.
+
+    Decided by ``unet/config.json`` (e.g. ``addition_embed_type``), else by
+    ``model_index.json``'s pipeline class.
+
+    Args:
+        folder: a diffusers pipeline folder (or a single-file base's config folder).
+        unet_config: the U-Net config when already read (else read from the folder).
+
+    Raises:
+        UserError: no family matches (the message names the file and value).
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    config_file = folder / "unet" / "config.json"
+    if unet_config is None and config_file.is_file():
+        try:
+            unet_config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{config_file}: not valid JSON") from None
+    if isinstance(unet_config, Mapping):
+        for entry in FAMILIES:
+            family = _load(entry)
+            if family.matches_config(unet_config):
+                return family()
+        raise UserError(
+            f"{config_file}: addition_embed_type={unet_config.get('addition_embed_type')!r} is not a model family condkit knows "
+            f"({', '.join(family_names())})"
+        )
+    index_file = folder / "model_index.json"
+    try:
+        class_name = json.loads(index_file.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{folder}: no readable unet/config.json or model_index.json to tell the model family") from None
+    for entry in FAMILIES:
+        family = _load(entry)
+        if class_name in family.pipeline_class_names:
+            return family()
+    raise UserError(f"{index_file}: _class_name {class_name!r} is not a pipeline of a model family condkit knows ({', '.join(family_names())})")
 
 
 def get_family(name: str) -> ModelFamily:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -28,11 +28,13 @@ class StableDiffusionFamily(ModelFamily):
 
     name: ClassVar[str] = "sd"
     kohya_prefixes: ClassVar[Mapping[str, str]] = KOHYA_PREFIXES
+    kohya_base_model_version: ClassVar[str] = "sd_v1"
+    pipeline_class_names: ClassVar[tuple[str, ...]] = tuple(PIPELINE_CLASSES.values())
 
     @classmethod
-    def matches(cls, base) -> bool:
+    def matches_config(cls, unet_config: Mapping[str, Any]) -> bool:
         """SD 1.x/2.x U-Nets add nothing to the timestep embedding (SDXL adds ``text_time``)."""
-        return getattr(base.unet.config, "addition_embed_type", None) is None
+        return unet_config.get("addition_embed_type") is None
 
     def text_encoders(self, base) -> dict[str, torch.nn.Module]:
         """``{"text_encoder": CLIPTextModel}``."""
