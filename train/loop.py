@@ -48,7 +48,7 @@ from condkit.io import remove_stale_temporaries, write_json_atomic
 from condkit.train import checkpoint as ckpt
 from condkit.train.cache import EncodedSet, load_or_encode
 from condkit.train.config import check_validation_files, recipe_values
-from condkit.train.data import TrainingSet, collate, find_records
+from condkit.train.data import SIZES, TrainingSet, collate, find_records
 from condkit.train.encode import latent_distribution, sample_latents
 from condkit.train.prior import prior_records
 
@@ -271,7 +271,7 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
     empty = family.encode_prompts(base, [""]).map(lambda t: t.detach().float())  # batch 1, for caption dropout
 
     # ---- optimizer and schedule ----
-    param_groups = adapter.parameter_groups(cfg.learning_rate, cfg.text_encoder_learning_rate or cfg.learning_rate)
+    param_groups = adapter.parameter_groups(cfg.learning_rate, cfg.text_encoder_rates())
     optimizer = _make_optimizer(cfg, param_groups)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
@@ -419,6 +419,7 @@ def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
 
     # Condition dropout (the prompt; the adapter may drop its own conditions jointly).
     conditioning, extras = adapter.drop_conditions(conditioning, extras, state.empty.to(device), data_cfg.caption_dropout, generator)
+    conditioning = state.family.with_sample_sizes(conditioning, batch["sizes"].to(device))  # (b, 6) image sizes, for families that use them
     with accelerator.autocast():
         conditioning = conditioning.to(dtype=state.weight_dtype)
         hidden = conditioning.encoder_hidden_states  # (b, tokens, d)
@@ -694,7 +695,7 @@ def _get_batch(state: TrainState, dataset: TrainingSet, cache: EncodedSet | None
         conditioning = cached.get("conditioning")
         if conditioning is None:  # a text encoder trains: encode with gradients
             conditioning = family.encode_prompts(base, cached["caption"])
-        return {"latents": latents, "conditioning": conditioning, "extras": cached["extras"]}
+        return {"latents": latents, "conditioning": conditioning, "extras": cached["extras"], "sizes": cached["sizes"]}
     batch = collate([dataset.item(i, flip=f, rng=random.Random(hash((dataset.seed, e, i)))) for i, e, f in zip(indices, epochs, flips)])
     with torch.no_grad():
         mean, std = latent_distribution(base, batch["pixel_values"])
@@ -704,7 +705,7 @@ def _get_batch(state: TrainState, dataset: TrainingSet, cache: EncodedSet | None
     latents = sample_latents(mean.float(), std.float(), generator)
     with torch.set_grad_enabled(state.trains_text_encoder):
         conditioning = family.encode_prompts(base, batch["caption"])
-    return {"latents": latents, "conditioning": conditioning, "extras": extras}
+    return {"latents": latents, "conditioning": conditioning, "extras": extras, "sizes": batch[SIZES]}
 
 
 def _concat(a, b):
