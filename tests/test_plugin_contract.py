@@ -36,7 +36,7 @@ from condkit.errors import UserError
 from condkit.train.config import SECTIONS
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "plugin_example"
-BUILTIN_KINDS = ("controlnet", "full_unet", "ip_adapter", "lora")
+BUILTIN_KINDS = ("controlnet", "full_unet", "ip_adapter", "lora", "t2i_adapter")
 
 
 def run_cli(args: list[str], pythonpath: Path, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -170,7 +170,7 @@ def test_bad_description_is_the_same_error_in_every_kind(kind, edit, needle, tmp
     assert str(raised.value).startswith(str(path)) and needle in str(raised.value)
 
 
-@pytest.mark.parametrize("kind, key, value", [("lora", "rank", "x"), ("controlnet", "edge_tolerance", 99), ("ip_adapter", "variant", "huge"), ("full_unet", "shapes_metrics", "yes")])
+@pytest.mark.parametrize("kind, key, value", [("lora", "rank", "x"), ("controlnet", "edge_tolerance", 99), ("ip_adapter", "variant", "huge"), ("full_unet", "shapes_metrics", "yes"), ("t2i_adapter", "adapter_type", "huge")])
 def test_bad_saved_config_value_names_the_file_and_key(kind, key, value, tmp_path):
     cls = registry.get_adapter_class(kind)
     path = write_adapter_description(tmp_path, kind, cls.config_class(), None)
