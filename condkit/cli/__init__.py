@@ -16,7 +16,7 @@ import sys
 from condkit.errors import report_user_errors
 
 # Subcommand modules, in the order --help lists them.
-COMMAND_MODULES = ("train", "generate", "base", "inspect", "convert", "preprocess")
+COMMAND_MODULES = ("train", "generate", "base", "inspect", "convert", "merge", "resize", "extract", "preprocess")
 
 
 def build_parser() -> argparse.ArgumentParser:
