@@ -3,14 +3,16 @@
 A checkpoint is a folder ``checkpoints/step-00000100/`` holding the trainable
 parameters (safetensors, by parameter name), the optimizer and LR-scheduler states
 (weights-only torch files; the optimizer's per-parameter state is keyed by the same
-names), and ``state.json`` (step, seed, the recipe's values, the base's fingerprint).
-It is written under a temporary name and renamed into place, so a crash or a full disk
-during a save never damages the previous checkpoint; only the newest ``keep`` are kept.
-The data order, noise and dropout of every step are drawn from generators seeded by
-``(seed, step)``, so the step number is all the RNG state a resume needs. Because
-everything is stored by name, an adapter that lists its parameters in another order
-after a restart still resumes exactly, and a checkpoint of another adapter is refused
-naming the first parameter that does not match.
+names), and ``state.json`` (step, seed, the recipe's values, the base's fingerprint,
+``samples_seen``). Parameters sharded over processes (FSDP2) are gathered whole, so a
+checkpoint does not depend on how many processes wrote it. It is written under a
+temporary name and renamed into place, so a crash or a full disk during a save never
+damages the previous checkpoint; only the newest ``keep`` are kept. The data order,
+noise and dropout of every step are drawn from generators seeded by ``(seed, step)``,
+so the step number (with ``samples_seen``, where the data stream stands) is all the
+RNG state a resume needs. Because everything is stored by name, an adapter that lists
+its parameters in another order after a restart still resumes exactly, and a checkpoint
+of another adapter is refused naming the first parameter that does not match.
 
 A checkpoint is read whole before anything is restored (:func:`read_checkpoint`): a
 damaged file is named in one line that offers the newest checkpoint that still reads.
@@ -46,8 +48,12 @@ NAMED_OPTIMIZER_STATE = "condkit_parameter_names"
 
 # Recipe keys a resume may change: they do not alter the steps already taken (how long
 # to train, how often to save/log/validate, how data is loaded).
+# train.gradient_accumulation_steps may change with the number of processes: the data
+# stream continues at the next unseen sample (see condkit.train.loop), and with
+# processes x accumulation unchanged the steps that follow are the same.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                     "train.on_nonfinite_loss", "data.num_workers", "data.cache", "validation.")
+                     "train.on_nonfinite_loss", "train.gradient_accumulation_steps", "data.num_workers", "data.cache",
+                     "validation.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +72,46 @@ class Checkpoint:
         return self.state["step"]
 
 
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A run's trainable state as full CPU tensors, ready to write (see :func:`take_snapshot`)."""
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    lr_scheduler: dict
+
+
+def take_snapshot(params: Parameters, optimizer, lr_scheduler) -> Snapshot:
+    """Copy the trainable parameters and the optimizer and scheduler states to the CPU, by name.
+
+    Sharded parameters (FSDP2 DTensors) and their optimizer states are gathered whole,
+    so a checkpoint does not depend on the number of processes that wrote it; gathering
+    is a collective, so under FSDP every process calls this (the main one writes).
+
+    Args:
+        params: the trainable parameters by name (a list is named by position).
+        optimizer: the (unwrapped) optimizer.
+        lr_scheduler: the LR scheduler.
+    """
+    named = _named(params)
+    tensors = {name: full_tensor(p.detach()).to("cpu").contiguous() for name, p in named.items()}
+    optimizer_state = _optimizer_state_by_name(optimizer, named)
+    optimizer_state["state"] = {
+        name: {key: full_tensor(value).to("cpu") if torch.is_tensor(value) else value for key, value in entry.items()}
+        for name, entry in optimizer_state["state"].items()
+    }
+    return Snapshot(tensors, optimizer_state, lr_scheduler.state_dict())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor shard is gathered from every process, others are as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def save_checkpoint(output_dir: Path, step: int, params: Parameters, optimizer, lr_scheduler, state: dict, keep: int) -> Path:
-    """Write a checkpoint for ``step`` and prune old ones.
+    """Write a checkpoint for ``step`` and prune old ones (one process; see :func:`write_checkpoint`).
 
     Args:
         output_dir: the run's output folder.
@@ -82,18 +126,35 @@ def save_checkpoint(output_dir: Path, step: int, params: Parameters, optimizer, 
         The checkpoint folder.
 
     Raises:
+        UserError: as :func:`write_checkpoint`.
+    """
+    return write_checkpoint(output_dir, step, take_snapshot(params, optimizer, lr_scheduler), state, keep)
+
+
+def write_checkpoint(output_dir: Path, step: int, snapshot: Snapshot, state: dict, keep: int) -> Path:
+    """Write a checkpoint for ``step`` from a snapshot and prune old ones.
+
+    Args:
+        output_dir: the run's output folder.
+        step: optimizer steps completed.
+        snapshot: from :func:`take_snapshot`.
+        state: extra JSON data (seed, recipe values, base fingerprint).
+        keep: how many checkpoints to keep.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
         UserError: a file could not be written (named, e.g. a full disk); the previous
             checkpoints are untouched and the message names the newest one.
     """
     from safetensors.torch import save_file
 
     final = output_dir / CHECKPOINT_DIR / f"{PREFIX}{step:08d}"
-    named = _named(params)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in named.items()}
     writers: dict[str, Callable[[Path], None]] = {
-        TRAINABLE_FILE: lambda path: save_file(tensors, str(path)),
-        OPTIMIZER_FILE: lambda path: _torch_save(_optimizer_state_by_name(optimizer, named), path),
-        SCHEDULER_FILE: lambda path: _torch_save(lr_scheduler.state_dict(), path),
+        TRAINABLE_FILE: lambda path: save_file(snapshot.trainable, str(path)),
+        OPTIMIZER_FILE: lambda path: _torch_save(snapshot.optimizer, path),
+        SCHEDULER_FILE: lambda path: _torch_save(snapshot.lr_scheduler, path),
         STATE_FILE: lambda path: path.write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n"),
     }
     try:
@@ -287,12 +348,37 @@ def restore_checkpoint(checkpoint: Checkpoint, params: Parameters, optimizer, lr
             raise UserError(f"{file}: {name!r} has shape {tuple(saved[name].shape)}, the adapter expects {tuple(param.shape)}")
     with torch.no_grad():
         for name, param in named.items():
-            param.copy_(saved[name])
+            param.copy_(_laid_out_like(saved[name], param))
     try:
-        optimizer.load_state_dict(_optimizer_state_by_index(checkpoint.optimizer, optimizer, named, file.with_name(OPTIMIZER_FILE)))
+        by_index = _optimizer_state_by_index(checkpoint.optimizer, optimizer, named, file.with_name(OPTIMIZER_FILE))
+        optimizer.load_state_dict(_optimizer_state_laid_out(by_index, optimizer))
         lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
     except (KeyError, ValueError, TypeError) as exc:  # torch's reasons for a state of another optimizer
         raise UserError(f"{path}: optimizer or scheduler state does not fit this run ({exc})") from None
+
+
+def _laid_out_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A saved full tensor laid out as ``param``: this process's shard of it when ``param`` is a DTensor.
+
+    Every process holds the whole checkpoint, so each takes its own shard without
+    communication; a checkpoint therefore resumes on any number of processes.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor) or tuple(tensor.shape) != tuple(param.shape):
+        return tensor
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def _optimizer_state_laid_out(state: dict, optimizer) -> dict:
+    """An index-keyed optimizer state whose per-parameter tensors are laid out as the parameters are."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    laid_out = {
+        index: {key: _laid_out_like(value, params[index]) if torch.is_tensor(value) and index < len(params) else value
+                for key, value in entry.items()}
+        for index, entry in state["state"].items()
+    }
+    return {**state, "state": laid_out}
 
 
 def _named(params: Parameters) -> dict[str, torch.nn.Parameter]:

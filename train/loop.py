@@ -46,6 +46,7 @@ from condkit.errors import UserError
 from condkit.families import Conditioning, ModelFamily
 from condkit.io import remove_stale_temporaries, write_json_atomic
 from condkit.train import checkpoint as ckpt
+from condkit.train import distributed
 from condkit.train.cache import EncodedSet, load_or_encode
 from condkit.train.config import check_validation_files, recipe_values
 from condkit.train.data import SIZES, TrainingSet, collate, find_records
@@ -67,8 +68,12 @@ class TrainState:
         family: the base's model family (how captions become U-Net conditioning).
         adapter: the adapter being trained.
         adapters: every attached adapter: the frozen ones first, ``adapter`` last.
-        params: the trainable parameters by name (checkpoints store them by these names).
-        optimizer: the optimizer (wrapped by accelerate; ``.optimizer`` is torch's).
+        params: the trainable parameters by name (checkpoints store them by these names);
+            DTensor shards under FSDP.
+        model: the module whose forward is the training step's U-Net call
+            (:class:`condkit.train.distributed.StepModel`), wrapped by the engine (DDP, ...).
+        engine: how the run spreads over processes: ``single``, ``ddp``, ``fsdp`` or ``deepspeed``.
+        optimizer: the optimizer (wrapped by accelerate except under FSDP; see ``torch_optimizer``).
         lr_scheduler: the learning-rate schedule.
         noise_scheduler: the DDPM scheduler noise is added with.
         dataset: the training images.
@@ -81,6 +86,8 @@ class TrainState:
             encoded every step, with gradients).
         checkpoint_state: what every checkpoint's ``state.json`` records.
         start_step: the step the run started (or resumed) from.
+        start_sample: the position in the data stream at ``start_step`` (samples all
+            processes had taken, over every epoch).
         step: optimizer steps completed.
         loss: the mean loss of the latest step's micro-batches (NaN if it was skipped).
         skipped: steps skipped for a non-finite loss (``train.on_nonfinite_loss: skip``).
@@ -95,6 +102,8 @@ class TrainState:
     adapter: Any
     adapters: list
     params: dict[str, torch.nn.Parameter]
+    model: Any
+    engine: str
     optimizer: Any
     lr_scheduler: Any
     noise_scheduler: Any
@@ -107,6 +116,7 @@ class TrainState:
     trains_text_encoder: bool
     checkpoint_state: dict
     start_step: int = 0
+    start_sample: int = 0
     step: int = 0
     loss: float = math.nan
     skipped: int = 0
@@ -116,8 +126,18 @@ class TrainState:
 
     @property
     def parameter_list(self) -> list[torch.nn.Parameter]:
-        """The trainable parameters in the adapter's order (optimizer, all-reduce, clipping)."""
+        """The trainable parameters in the adapter's order (optimizer, clipping)."""
         return list(self.params.values())
+
+    @property
+    def torch_optimizer(self):
+        """torch's optimizer inside the engine's wrapper (checkpoints store its state)."""
+        return distributed.unwrap_optimizer(self.optimizer)
+
+    def samples_seen(self, step: int) -> int:
+        """The position in the data stream after ``step`` steps (samples all processes took)."""
+        cfg = self.recipe.train
+        return self.start_sample + (step - self.start_step) * cfg.gradient_accumulation_steps * cfg.batch_size * self.accelerator.num_processes
 
 
 class TrainCallback:
@@ -240,6 +260,7 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
     adapter = adapter_cls(recipe.adapter.config, name="default")
     adapter.attach(base)
     all_adapters = [*frozen_adapters, adapter]
+    engine = distributed.engine_of(accelerator)
     params = _named_trainable_parameters(adapter, base, family)
     text_encoders = list(family.text_encoders(base).values())
     for module in [base.unet, *text_encoders, *adapter.trainable_modules()]:
@@ -254,6 +275,8 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
     trains_text_encoder = any(p.requires_grad for encoder in text_encoders for p in encoder.parameters())
     for encoder in text_encoders if trains_text_encoder else []:
         encoder.train()
+    distributed.shard(engine, adapter.trainable_modules(), list(params.values()))
+    params = _named_trainable_parameters(adapter, base, family)  # sharding made new parameter objects
 
     # ---- data: records -> tensors; encoded once when nothing upstream trains ----
     size = data_cfg.resolution or base.resolution
@@ -276,23 +299,28 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
     )
-    # Only the optimizer goes through accelerate (fp16 loss scaling); a prepared scheduler
-    # would step once per process, and gradients are averaged by hand (_all_reduce_gradients).
-    optimizer = accelerator.prepare(optimizer)
+    # The step module and the optimizer go through the engine (DDP averages gradients,
+    # accelerate scales fp16 losses); the scheduler does not: a prepared one would step
+    # once per process. A text encoder may get no gradient in a step (every caption of a
+    # micro-batch dropped), which DDP must be told.
+    model = distributed.StepModel(base.unet, [*text_encoders, *adapter.trainable_modules()], list(params.values()))
+    model, optimizer = distributed.prepare(accelerator, engine, model, optimizer, find_unused_parameters=trains_text_encoder)
 
-    start_step = 0
-    if checkpoint is not None:  # parameters and optimizer state are matched by name
-        ckpt.restore_checkpoint(checkpoint, params, optimizer.optimizer, lr_scheduler)
+    start_step = start_sample = 0
+    if checkpoint is not None:  # parameters and optimizer state are matched by name, whole (any world size)
+        ckpt.restore_checkpoint(checkpoint, params, distributed.unwrap_optimizer(optimizer), lr_scheduler)
         start_step = checkpoint.step
+        # Where the data stream stood; checkpoints that do not say were written with this run's batch.
+        start_sample = checkpoint.state.get("samples_seen", start_step * cfg.gradient_accumulation_steps * cfg.batch_size * accelerator.num_processes)
         accelerator.print(f"condkit: resumed from {checkpoint.path} at step {start_step}")
     checkpoint_state = {"seed": recipe.seed, "recipe": recipe.source, "recipe_values": run_values,
                         "cache": str(output_dir / "cache") if data_cfg.cache == "disk" else ""}
     return TrainState(
         recipe=recipe, output_dir=output_dir, accelerator=accelerator, base=base, family=family, adapter=adapter,
-        adapters=all_adapters, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        adapters=all_adapters, params=params, model=model, engine=engine, optimizer=optimizer, lr_scheduler=lr_scheduler,
         noise_scheduler=base.noise_scheduler(), dataset=dataset, cache=cache, class_set=class_set, class_cache=class_cache,
         empty=empty, weight_dtype=weight_dtype, trains_text_encoder=trains_text_encoder, checkpoint_state=checkpoint_state,
-        start_step=start_step, step=start_step,
+        start_step=start_step, start_sample=start_sample, step=start_step,
     )
 
 
@@ -304,6 +332,7 @@ def _make_accelerator(cfg, output_dir: Path):
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
+    distributed.check_launch()  # e.g. DeepSpeed without GPUs: one line, before accelerate starts it
     # accelerate keeps its settings (mixed precision, ...) in a process-wide singleton;
     # forget an earlier run's (the distributed setup in PartialState is kept).
     AcceleratorState._reset_state()
@@ -315,11 +344,6 @@ def _make_accelerator(cfg, output_dir: Path):
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
-        raise UserError(
-            f"{accelerator.distributed_type.name} is not supported yet: condkit averages adapter gradients itself; "
-            "use a multi-process (DDP) config such as recipes/accelerate/multi-gpu.yaml"
-        )
     return accelerator
 
 
@@ -359,29 +383,31 @@ def _train_step(state: TrainState, step: int) -> None:
         state: the run.
         step: the step's index (0-based; ``state.step`` steps are done).
     """
-    cfg = state.recipe.train
+    cfg, accelerator = state.recipe.train, state.accelerator
     state.loss = math.nan
     losses = []
+    modules = state.adapter.trainable_modules()
     for micro in range(cfg.gradient_accumulation_steps):
-        loss = _micro_batch_loss(state, step, micro)
-        if not torch.isfinite(loss):
-            if cfg.on_nonfinite_loss == "skip":
-                state.skipped += 1
-                state.optimizer.zero_grad(set_to_none=True)
-                return
-            last = ckpt.list_checkpoints(state.output_dir)
-            raise UserError(
-                f"step {step + 1}: loss is {loss.item()} (not finite); stopped. "
-                + (f"Last good checkpoint: {last[-1]}" if last else "No checkpoint was saved yet (train.checkpoint_every)")
-            )
-        state.accelerator.backward(loss / cfg.gradient_accumulation_steps)
+        # The engine averages gradients across processes in the last micro-batch's backward.
+        last_micro = micro == cfg.gradient_accumulation_steps - 1
+        with distributed.gradient_sync(accelerator, state.engine, state.model, modules, sync=last_micro):
+            loss = _micro_batch_loss(state, step, micro)
+            if not distributed.all_ranks_agree(accelerator, bool(torch.isfinite(loss))):  # skipped everywhere or nowhere
+                if cfg.on_nonfinite_loss == "skip":
+                    state.skipped += 1
+                    state.optimizer.zero_grad(set_to_none=True)
+                    return
+                last = ckpt.list_checkpoints(state.output_dir)
+                raise UserError(
+                    f"step {step + 1}: loss is {loss.item()} (not finite on some process); stopped. "
+                    + (f"Last good checkpoint: {last[-1]}" if last else "No checkpoint was saved yet (train.checkpoint_every)")
+                )
+            accelerator.backward(loss / cfg.gradient_accumulation_steps)
         losses.append(loss.item())
         state.window_losses.append(losses[-1])
-    # All micro-batches done: average gradients across processes, clip, step.
-    params = state.parameter_list
-    _all_reduce_gradients(params, state.accelerator.num_processes)
-    if cfg.max_grad_norm:
-        state.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+    # All micro-batches done (gradients averaged): clip, step. DeepSpeed clips by its config.
+    if cfg.max_grad_norm and state.engine != distributed.DEEPSPEED:
+        accelerator.clip_grad_norm_(state.parameter_list, cfg.max_grad_norm)
     state.optimizer.step()
     state.lr_scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
@@ -390,13 +416,17 @@ def _train_step(state: TrainState, step: int) -> None:
 
 def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
     """The diffusion loss of one micro-batch (a scalar, not yet divided for accumulation)."""
-    recipe, accelerator, base, adapter = state.recipe, state.accelerator, state.base, state.adapter
+    recipe, accelerator, adapter = state.recipe, state.accelerator, state.adapter
     cfg, data_cfg, device = recipe.train, recipe.data, accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
-    # Everything random in this micro-batch comes from (seed, step, micro, rank).
-    generator = torch.Generator().manual_seed(_mix(recipe.seed, step, micro, rank))
-    torch.manual_seed(_mix(recipe.seed, step, micro, rank, 1))  # LoRA dropout etc.
-    positions = _batch_positions(step * cfg.gradient_accumulation_steps + micro, cfg.batch_size, world, rank)
+    # Everything random in this micro-batch comes from (seed, step, its index among the
+    # step's micro-batches of all processes): processes x accumulation steps can be traded
+    # (2 processes = 1 process accumulating 2) without changing a draw.
+    index = micro * world + rank
+    generator = torch.Generator().manual_seed(_mix(recipe.seed, step, index, 0))
+    torch.manual_seed(_mix(recipe.seed, step, index, 0, 1))  # LoRA dropout etc.
+    micro_batch = (step - state.start_step) * cfg.gradient_accumulation_steps + micro  # since the run (re)started
+    positions = [state.start_sample + p for p in _batch_positions(micro_batch, cfg.batch_size, world, rank)]
     batch = _get_batch(state, state.dataset, state.cache, positions, generator)
     if state.class_set is not None:  # prior preservation: class images make the second half
         class_batch = _get_batch(state, state.class_set, state.class_cache, positions, generator)
@@ -425,7 +455,7 @@ def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
         hidden = conditioning.encoder_hidden_states  # (b, tokens, d)
         # The family's own U-Net arguments (SDXL: pooled text, size ids) merge with the adapters'.
         unet_kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), *((a, a.unet_kwargs(noisy_latents, timesteps, hidden, extras)) for a in state.adapters)])
-        prediction = base.unet(noisy_latents, timesteps, hidden, **unet_kwargs).sample
+        prediction = state.model(noisy_latents, timesteps, hidden, **unet_kwargs).sample
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))  # (b,)
     weights = adapter.loss_weights(timesteps, noise_scheduler, cfg.snr_gamma)  # (b,) min-SNR by default, or None
     if weights is not None:
@@ -450,14 +480,33 @@ def _after_step(state: TrainState, progress) -> None:
         state.window_losses, state.window_start = [], time.perf_counter()
     if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
         accelerator.wait_for_everyone()
+        snapshot = _snapshot(state)
         if accelerator.is_main_process:
-            ckpt.save_checkpoint(state.output_dir, done, state.params, state.optimizer.optimizer, state.lr_scheduler,
-                                 state.checkpoint_state, cfg.keep_checkpoints)
-    if recipe.validation.every and done % recipe.validation.every == 0 and done < cfg.max_steps and accelerator.is_main_process:
+            ckpt.write_checkpoint(state.output_dir, done, snapshot, _checkpoint_state(state, done), cfg.keep_checkpoints)
+    if recipe.validation.every and done % recipe.validation.every == 0 and done < cfg.max_steps and _validates(state):
         try:
             _validate(state, done)
         except UserError as exc:  # e.g. a full disk: say where the weights are
             raise UserError(f"{exc}; {_newest_checkpoint_note(state.output_dir)}") from None
+
+
+def _snapshot(state: TrainState) -> ckpt.Snapshot | None:
+    """The run's trainable state for a checkpoint: on the main process, and on every
+    process when parameters are sharded (gathering them is a collective); else None."""
+    if not (state.accelerator.is_main_process or distributed.is_sharded(state.parameter_list)):
+        return None
+    return ckpt.take_snapshot(state.params, state.torch_optimizer, state.lr_scheduler)
+
+
+def _checkpoint_state(state: TrainState, step: int) -> dict:
+    """What ``state.json`` records at ``step``: the run's settings and where the data stream stands."""
+    return {**state.checkpoint_state, "samples_seen": state.samples_seen(step), "world_size": state.accelerator.num_processes}
+
+
+def _validates(state: TrainState) -> bool:
+    """Whether this process samples validation images: the main one, or all when parameters
+    are sharded (each forward gathers them from every process); only the main one writes."""
+    return state.accelerator.is_main_process or distributed.is_sharded(state.parameter_list)
 
 
 # ---- finish --------------------------------------------------------------------------
@@ -468,16 +517,28 @@ def _finish(state: TrainState) -> None:
     recipe, accelerator, output_dir, cfg = state.recipe, state.accelerator, state.output_dir, state.recipe.train
     accelerator.wait_for_everyone()
     rank_digests = gather_object([_parameter_digest(state.parameter_list)])  # every rank must hold the same weights
-    if not accelerator.is_main_process:
-        return
     state.base.unet.eval()
-    for module in state.adapter.trainable_modules():
+    modules = state.adapter.trainable_modules()
+    for module in modules:
         module.eval()
-    try:
-        state.adapter.save(output_dir)
-    except UserError as exc:  # e.g. a full disk: keep the trained weights recoverable
-        note = _save_last_checkpoint(output_dir, cfg, state.params, state.optimizer.optimizer, state.lr_scheduler, state.checkpoint_state)
-        raise UserError(f"the adapter was not saved: {exc}; {note}") from None
+    sharded = distributed.is_sharded(state.parameter_list)
+    snapshot = _snapshot(state) if sharded else None  # gathered now: a failed export below is on the main process only
+    saved: list | UserError = []
+    with distributed.full_state_dicts(modules):  # sharded weights are gathered on every process first
+        if accelerator.is_main_process:
+            try:
+                saved = state.adapter.save(output_dir)
+            except UserError as exc:  # e.g. a full disk: keep the trained weights recoverable
+                saved = exc
+    if isinstance(saved, UserError):
+        snapshot = snapshot or _snapshot(state)
+        note = _save_last_checkpoint(output_dir, cfg, snapshot, _checkpoint_state(state, cfg.max_steps))
+        raise UserError(f"the adapter was not saved: {saved}; {note}") from None
+    validates = bool(recipe.validation.prompts or recipe.validation.images)
+    if not accelerator.is_main_process:
+        if validates and _validates(state):
+            _validate(state, cfg.max_steps)  # takes part in the sharded forwards; writes nothing
+        return
     # Written after the result, so run.json never claims steps whose result is missing.
     write_json_atomic(
         output_dir / "run.json",
@@ -492,29 +553,27 @@ def _finish(state: TrainState) -> None:
             "parameter_digest_per_rank": rank_digests,
         },
     )
-    if recipe.validation.prompts or recipe.validation.images:
+    if validates:
         try:
             _validate(state, cfg.max_steps)
         except UserError as exc:
             raise UserError(f"{exc}; the adapter itself is saved in {output_dir}") from None
 
 
-def _save_last_checkpoint(output_dir: Path, cfg, params, optimizer, lr_scheduler, state: dict) -> str:
+def _save_last_checkpoint(output_dir: Path, cfg, snapshot: ckpt.Snapshot, state: dict) -> str:
     """After a failed adapter save: checkpoint the final weights if possible; say where they are.
 
     Args:
         output_dir: the run's output folder.
         cfg: the recipe's ``train`` section.
-        params: the trainable parameters by name.
-        optimizer: the (unwrapped) optimizer.
-        lr_scheduler: the LR scheduler.
+        snapshot: the final trainable state (:func:`_snapshot`).
         state: the checkpoint state of this run.
 
     Returns:
         The second half of the error message: which checkpoint holds which weights.
     """
     try:
-        path = ckpt.save_checkpoint(output_dir, cfg.max_steps, params, optimizer, lr_scheduler, state, cfg.keep_checkpoints)
+        path = ckpt.write_checkpoint(output_dir, cfg.max_steps, snapshot, state, cfg.keep_checkpoints)
     except UserError:
         return _newest_checkpoint_note(output_dir)
     return f"the trained weights are in {path}: make room, then --resume latest writes the adapter"
@@ -529,10 +588,10 @@ def _newest_checkpoint_note(output_dir: Path) -> str:
 
 
 def _parameter_digest(params: list[torch.nn.Parameter]) -> str:
-    """SHA-256 of the trainable parameters' bytes (to compare ranks)."""
+    """SHA-256 of the trainable parameters' bytes (to compare ranks; shards are gathered whole)."""
     digest = hashlib.sha256()
     for param in params:
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(ckpt.full_tensor(param.detach()).float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -734,33 +793,13 @@ def _make_optimizer(cfg, param_groups: list[dict]):
     return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
 
 
-def _all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over processes in one flat all-reduce.
-
-    Done by hand instead of wrapping in DDP because the trainable parameters live in
-    different modules per kind (peft layers in the U-Net, a ControlNet branch, IP
-    processors), and the U-Net is called directly by the adapters' hooks.
-    """
-    if world == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for param, grad in zip(params, grads):
-        count = grad.numel()
-        param.grad = flat[offset : offset + count].view_as(grad).to(grad.dtype)
-        offset += count
-
-
 def _validate(state: TrainState, step: int) -> None:
-    """Validation grid and metrics of the trained adapter at ``step`` (main process)."""
+    """Validation grid and metrics of the trained adapter at ``step`` (written by the main process)."""
     from condkit.train.validation import grid_array, make_grid, save_grid
 
     rows, metrics = state.adapter.validate(state.base, state.recipe.validation, step)
+    if not state.accelerator.is_main_process:  # it took part in sharded forwards only
+        return
     if rows:
         grid = make_grid(rows)
         save_grid(grid, state.output_dir / "validation" / f"step-{step:08d}.png")
