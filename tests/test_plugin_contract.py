@@ -215,7 +215,7 @@ def test_recipe_keys_are_listed_with_range_and_help():
 
 
 def test_keys_of_an_unknown_kind_names_the_valid_ones():
-    with pytest.raises(UserError, match="unknown adapter kind 'nope'; valid kinds: controlnet, full_unet, ip_adapter, lora"):
+    with pytest.raises(UserError, match="unknown adapter kind 'nope'; valid kinds: " + ", ".join(BUILTIN_KINDS)):
         keys_text("nope")
 
 
