@@ -136,9 +136,37 @@ def test_alpha_is_independent_of_rank(base):
 
 
 # ---- cross-checks with LyCORIS ----------------------------------------------------------------
-def lycoris_network(unet, text_encoder, algo: str, **kwargs):
+PRESET_CLASS_ATTRIBUTES = (
+    "ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
+    "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME",
+)
+
+
+@pytest.fixture
+def sd_preset(monkeypatch):
+    """LyCORIS's ``full`` preset without its ``TimestepEmbedding`` target (restored afterwards).
+
+    LyCORIS 4.1.3's default preset targets the ``TimestepEmbedding`` class (for Anima) and the
+    names ``time_embedding.linear_1/2``; on a diffusers SD U-Net both select the same layers
+    and its network constructor stops with "duplicated lora name: lora_unet_time_embedding_linear_1"
+    (``create_network_from_weights`` builds that network too). Presets are class attributes
+    in LyCORIS, so they are put back after each test.
+    """
+    network_class = lycoris_kohya.LycorisNetworkKohya
+    for attribute in PRESET_CLASS_ATTRIBUTES:
+        monkeypatch.setattr(network_class, attribute, getattr(network_class, attribute))
+    preset = dict(lycoris_kohya.PRESET["full"])
+    preset["unet_target_module"] = [m for m in preset["unet_target_module"] if m != "TimestepEmbedding"]
+    monkeypatch.setitem(lycoris_kohya.PRESET, "condkit-test-sd", preset)
+    network_class.apply_preset(preset)
+    return "condkit-test-sd"
+
+
+def lycoris_network(unet, text_encoder, algo: str, preset: str, **kwargs):
     """LyCORIS's own network (kohya entry point) over the models, random weights, applied."""
-    network = lycoris_kohya.create_network(1.0, kwargs.pop("dim", 4), kwargs.pop("alpha", 2.0), None, text_encoder, unet, algo=algo, **kwargs)
+    network = lycoris_kohya.create_network(
+        1.0, kwargs.pop("dim", 4), kwargs.pop("alpha", 2.0), None, text_encoder, unet, algo=algo, preset=preset, **kwargs
+    )
     network.apply_to(text_encoder, unet, apply_text_encoder=True, apply_unet=True)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -157,9 +185,9 @@ LYCORIS_MADE = [
 
 
 @pytest.mark.parametrize("algo, options", LYCORIS_MADE, ids=["loha", "loha-tucker", "lokr", "lokr-both-factor4-tucker", "lokr-full"])
-def test_lycoris_made_file_loads_into_condkit_with_lycoris_outputs(pristine, base, algo, options, tmp_path):
+def test_lycoris_made_file_loads_into_condkit_with_lycoris_outputs(pristine, base, algo, options, tmp_path, sd_preset):
     unet, text_encoder = copy.deepcopy(pristine)
-    network = lycoris_network(unet, text_encoder, algo, **options)
+    network = lycoris_network(unet, text_encoder, algo, sd_preset, **dict(options))
     expected_unet, expected_text = unet_out(unet), text_out(text_encoder)
     file = tmp_path / f"lycoris_{algo}.safetensors"
     network.save_weights(str(file), torch.float32, None)
@@ -180,7 +208,7 @@ def test_lycoris_made_file_loads_into_condkit_with_lycoris_outputs(pristine, bas
 
 
 @pytest.mark.parametrize("cls, config", CONFIGS, ids=IDS)
-def test_condkit_file_loads_into_lycoris_with_condkit_outputs(pristine, base, cls, config, tmp_path):
+def test_condkit_file_loads_into_lycoris_with_condkit_outputs(pristine, base, cls, config, tmp_path, sd_preset):
     adapter = cls(config)
     adapter.attach(base)
     randomise(adapter)
