@@ -505,7 +505,11 @@ class LycorisAdapter(Adapter):
 
     @classmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:
-        """Format, algorithm, and per component: layers, ranks, alphas, conv layers, Tucker layers."""
+        """Format, algorithm, and per component: layers, ranks, alphas and the kind's own counts.
+
+        (Which layers are kxk convolutions cannot be told without the model: LyCORIS stores
+        their kernels flattened unless Tucker is used.)
+        """
         from condkit.io import load_state_dict, read_safetensors_metadata
 
         file = cls.weights_file(path)
@@ -530,7 +534,6 @@ class LycorisAdapter(Adapter):
                     "modules": len(layers),
                     "ranks": sorted({m.rank for m in layers}),
                     "alphas": sorted({m.alpha for m in layers}),
-                    "conv_modules": sum(1 for m in layers if _is_kxk(m)),
                     **cls.describe_extras(layers),
                 }
         if not any(c in info for c in formats.COMPONENTS):
