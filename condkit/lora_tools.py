@@ -282,6 +282,25 @@ def _weight_delta(component: str, key: str, tuned: torch.Tensor, original: torch
     return tuned.float() - original.float()
 
 
+def tuned_kind(spec: str | Path) -> str:
+    """What a tuned model is: ``base`` (embedded, diffusers folder or checkpoint) or ``full_unet`` (a run or U-Net folder).
+
+    Args:
+        spec: the tuned model as given on the command line.
+
+    Raises:
+        UserError: it is neither.
+    """
+    from condkit.base import EMBEDDED
+
+    path = Path(spec)
+    if str(spec) == EMBEDDED or path.is_file() or (path / "model_index.json").is_file():
+        return "base"
+    if path.is_dir() and ((path / "unet").is_dir() or (path / "config.json").is_file()):
+        return "full_unet"
+    raise UserError(f"{spec}: not a diffusers folder, a checkpoint file or a full_unet run (no model_index.json, unet/ or config.json)")
+
+
 def tuned_models(spec: str | Path, base_config: str | Path | None, original: BaseModel) -> dict[str, torch.nn.Module]:
     """The models of a fine-tuned base: a diffusers folder, a single file, or a ``full_unet`` run/U-Net folder.
 
@@ -291,18 +310,15 @@ def tuned_models(spec: str | Path, base_config: str | Path | None, original: Bas
         original: the original base (a ``full_unet`` run's U-Net is loaded into a copy of its U-Net).
     """
     from condkit.adapters.lora.adapter import base_models
-    from condkit.base import EMBEDDED, load_base
+    from condkit.base import load_base
 
-    path = Path(spec)
-    if str(spec) == EMBEDDED or path.is_file() or (path / "model_index.json").is_file():
-        return base_models(load_base(path, base_config))
-    if path.is_dir() and ((path / "unet").is_dir() or (path / "config.json").is_file()):
-        from condkit.adapters import get_adapter_class
+    if tuned_kind(spec) == "base":
+        return base_models(load_base(spec, base_config))
+    from condkit.adapters import get_adapter_class
 
-        copied = dataclasses.replace(original, unet=copy.deepcopy(original.unet))
-        get_adapter_class("full_unet").load(path, copied)
-        return {formats.UNET: copied.unet}
-    raise UserError(f"{spec}: not a diffusers folder, a checkpoint file or a full_unet run (no model_index.json, unet/ or config.json)")
+    copied = dataclasses.replace(original, unet=copy.deepcopy(original.unet))
+    get_adapter_class("full_unet").load(spec, copied)
+    return {formats.UNET: copied.unet}
 
 
 # ---- merge into a base -------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from condkit.cli.merge import print_report
 
     lora_tools.check_rank(args.rank)
+    lora_tools.tuned_kind(args.tuned)  # a bad TUNED fails before any model loads
     original = load_base(args.original, args.base_config)
     tuned = lora_tools.tuned_models(args.tuned, args.tuned_config, original)
     weights, report = lora_tools.extract_lora(tuned, base_models(original), args.rank, original.family.name)
