@@ -36,7 +36,7 @@ from condkit.errors import UserError
 from condkit.train.config import SECTIONS
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "plugin_example"
-BUILTIN_KINDS = ("controlnet", "full_unet", "ip_adapter", "lora", "t2i_adapter")
+BUILTIN_KINDS = ("controlnet", "full_unet", "ip_adapter", "loha", "lokr", "lora", "t2i_adapter")
 
 
 def run_cli(args: list[str], pythonpath: Path, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
