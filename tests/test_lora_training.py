@@ -52,28 +52,21 @@ def test_recipe_trains_text_encoder_too_and_loads_in_stock_diffusers(tmp_path, e
 
 
 @pytest.mark.slow
-def test_lora_learns_a_new_shape_and_generalises(tmp_path):
-    """The recipe as shipped learns rings for "sks"; the same settings learn crosses for "zwx"
-    from images without captions (one --set data.caption). Plain prompts keep the base's shapes."""
+def test_lora_learns_a_new_shape_from_a_users_folder(tmp_path):
+    """The shipped recipe, pointed at a folder the way a user gives their own (white crosses on
+    black, no caption files, one --set data.caption), learns crosses for "zwx"; plain prompts
+    keep the base's shapes. One training only: the suite's time budget is 20 minutes, and the
+    shipped ring set's figures are measured in the README (python -m condkit.train.fewshot_data)."""
     base = load_base("embedded")
-    started = time.perf_counter()
-    shipped = train(load_recipe("lora-few-images", ["validation.every=0", "validation.prompts=[]"]), tmp_path / "sks", show_progress=False)
-    seconds = time.perf_counter() - started
-    figures = measure_concept(base, shipped)
-    print(f"shipped concept: {figures}, {seconds:.0f} s")
-    assert figures["plain_shape_accuracy_base"] >= 0.8  # the base draws its shapes, so leakage is measurable
-    assert figures["trigger_hit_rate"] >= 0.75
-    assert figures["plain_shape_accuracy_lora"] >= figures["plain_shape_accuracy_base"] - 0.2
-    assert figures["plain_concept_rate"] <= 0.2
-
-    # A second concept of the same kind, given the way a user gives their own: a folder
-    # of images (white crosses on black) and one caption for all of them.
     caption = "a white zwx on a black background"
     folder = write_concept(tmp_path / "zwx_cross", trigger="zwx", concept="cross", layout=(("white", "black"),) * 10, seed=5, captions=False)
     overrides = [f"data.path={folder}", f"data.caption={caption}", "validation.every=0", "validation.prompts=[]"]
-    other = train(load_recipe("lora-few-images", overrides), tmp_path / "zwx", show_progress=False)
-    figures = measure_concept(base, other, trigger="zwx", concept="cross", seeds=4, pairs=(("white", "black"),))
-    print(f"second concept: {figures}")
+    started = time.perf_counter()
+    trained = train(load_recipe("lora-few-images", overrides), tmp_path / "zwx", show_progress=False)
+    seconds = time.perf_counter() - started
+    figures = measure_concept(base, trained, trigger="zwx", concept="cross", seeds=4, pairs=(("white", "black"),))
+    print(f"user-folder concept: {figures}, {seconds:.0f} s")
+    assert figures["plain_shape_accuracy_base"] >= 0.8  # the base draws its shapes, so leakage is measurable
     assert figures["trigger_hit_rate"] >= 0.75
     assert figures["plain_shape_accuracy_lora"] >= figures["plain_shape_accuracy_base"] - 0.2
     assert figures["plain_concept_rate"] <= 0.2

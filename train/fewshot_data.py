@@ -240,7 +240,7 @@ def measure_concept(
     """
     import torch
 
-    from condkit.adapters.lora import LoraAdapter
+    from condkit.adapters.registry import load_adapter
     from condkit.train.shapes_metrics import read_image
 
     templates = shape_templates(concept)
@@ -260,7 +260,7 @@ def measure_concept(
     trigger_colours = [colour for colour, _ in pairs for _ in range(seeds)]
     plain_labels = [(colour, shape) for colour, shape, _ in PLAIN_COMBOS for _ in range(seeds)]
     plain_base = draw(plain_prompts)
-    adapter = LoraAdapter.load(lora_path, base, name="measured")
+    adapter = load_adapter(lora_path, base, name="measured")  # LoRA, LoHa, LoKr: any kind the file is
     try:
         with_trigger, plain_lora = draw(trigger_prompts), draw(plain_prompts)
     finally:
