@@ -49,7 +49,7 @@ class Attachment(ABC):
     """An adapter attached to a pipeline by :func:`attach`.
 
     Attributes:
-        kind: the adapter kind (``lora``, ``ip_adapter``, ``controlnet``).
+        kind: the adapter kind (``lora``, ``ip_adapter``, ``controlnet``, ``loha``, ``lokr``, ...).
         name: the adapter's name in the pipeline (the peft adapter name for LoRA).
         source: the file or folder it came from.
         pipeline: the pipeline to call: the user's own, or for a ControlNet attached to a
@@ -111,7 +111,8 @@ def attach(pipe: Any, source: str | Path, scale: float = 1.0, *, name: str | Non
         pipe: a ``StableDiffusion{,Img2Img,Inpaint}Pipeline`` or a ``StableDiffusionControlNet*Pipeline``.
         source: a condkit export (LoRA, IP-Adapter or ControlNet folder) or a file condkit
             imports (kohya/A1111/ComfyUI LoRA, original IP-Adapter ``.bin``/``.safetensors``,
-            original ControlNet ``control_*`` file).
+            original ControlNet ``control_*`` file), or any other kind that lives inside the
+            pipeline's models (LoHa/LoKr exports and LyCORIS files), loaded by its own kind.
         scale: the strength (LoRA weight, IP-Adapter scale, ControlNet conditioning scale).
         name: the adapter's name in the pipeline; defaults to the file's or folder's name.
         kind: force a kind instead of detecting it.
@@ -129,11 +130,13 @@ def attach(pipe: Any, source: str | Path, scale: float = 1.0, *, name: str | Non
     source = Path(source)
     scale = check_scale(scale, source)
     kind = kind or detect_kind(source)
+    # LoRA, IP-Adapter and ControlNet go in through diffusers' own loaders, so the images are
+    # stock diffusers'; every other kind (LoHa, LoKr, plugin kinds) through its own loader.
     attachers = {"lora": attach_lora, "ip_adapter": attach_ip_adapter, "controlnet": attach_controlnet}
-    if kind not in attachers:
-        raise UserError(f"{source}: a {kind} adapter cannot be attached to a pipeline (attach takes {', '.join(sorted(attachers))})")
     if name is not None and (not name or "." in name):
         raise UserError(f"{source}: adapter name {name!r} must be non-empty and without '.' (peft's rule)")
+    if kind not in attachers:
+        return attach_in_place(pipe, source, scale, name or default_name(source), kind)
     return attachers[kind](pipe, source, scale, name or default_name(source))
 
 
@@ -416,19 +419,8 @@ def attach_controlnet(pipe: Any, source: Path, scale: float, name: str) -> Contr
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
     from condkit.adapters.registry import load_adapter
-    from condkit.base import BaseModel
 
-    # A condkit base made of the pipeline's own modules (nothing copied): the loader reads
-    # the architecture of original single files from its U-Net and checks the fit.
-    view = BaseModel(
-        source=f"pipeline {type(pipe).__name__}",
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-    )
-    adapter = load_adapter(source, view, name=name, kind="controlnet")
+    adapter = load_adapter(source, pipeline_view(pipe), name=name, kind="controlnet")
     controlnet = adapter.pipeline_components()["controlnet"]
     if (controlnet.device, controlnet.dtype) != (pipe.device, pipe.dtype):  # .to() warns even when nothing changes
         controlnet.to(device=pipe.device, dtype=pipe.dtype)
@@ -446,3 +438,68 @@ def attach_controlnet(pipe: Any, source: Path, scale: float, name: str) -> Contr
         "controlnet", name, source, target, scale,
         user_pipeline=pipe, controlnet=controlnet, replaced=existing, installed=installed, config=adapter.config,
     )
+
+
+def pipeline_view(pipe: Any) -> Any:
+    """A condkit base made of the pipeline's own modules (nothing copied).
+
+    condkit's loaders read the architecture of original single files from its U-Net and
+    check the fit; an adapter attached to the view sits in the pipeline's own modules.
+
+    Args:
+        pipe: the user's diffusers pipeline.
+    """
+    from condkit.base import BaseModel
+
+    return BaseModel(
+        source=f"pipeline {type(pipe).__name__}",
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+    )
+
+
+class InPlaceAttachment(Attachment):
+    """A kind whose layers live inside the pipeline's U-Net / text encoder (LoHa, LoKr, ...)."""
+
+    def __init__(self, *args: Any, adapter: Any) -> None:
+        super().__init__(*args)
+        self.adapter = adapter
+
+    def _apply_scale(self) -> None:
+        self.adapter.set_scale(self.scale)
+
+    def _remove(self) -> None:
+        self.adapter.detach()
+
+
+def attach_in_place(pipe: Any, source: Path, scale: float, name: str, kind: str) -> InPlaceAttachment:
+    """Attach a kind that works inside the pipeline's own modules, with the kind's own loader.
+
+    Args:
+        pipe: the user's pipeline.
+        source: the adapter file or folder.
+        scale: the strength.
+        name: the adapter's name.
+        kind: the detected or forced kind.
+
+    Raises:
+        UserError: unreadable, does not fit, or the kind needs a model of its own in the
+            pipeline (e.g. a T2I-Adapter: use ``condkit generate``).
+    """
+    from condkit.adapters.registry import get_adapter_class, load_adapter
+
+    if get_adapter_class(kind).pipeline_component:
+        raise UserError(f"{source}: a {kind} adapter needs a pipeline class of its own; attach takes kinds that live inside the pipeline's models (use condkit generate)")
+    view = pipeline_view(pipe)
+    adapter = load_adapter(source, view, name=name, kind=kind)
+    if any(getattr(view, part) is not getattr(pipe, part, None) for part in ("unet", "vae", "text_encoder")):
+        adapter.detach()  # the kind replaced a whole model (e.g. full_unet): not an adapter for a user's pipeline
+        raise UserError(f"{source}: a {kind} adapter replaces a whole model; load it as a base instead (condkit generate --base)")
+    attachment = InPlaceAttachment(kind, name, source, pipe, scale, adapter=adapter)
+    attachment._apply_scale()
+    return attachment

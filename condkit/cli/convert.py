@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from condkit.errors import UserError
     from condkit.io import save_safetensors_atomic
 
+    _refuse_other_kinds(args.src)
     src = weights_file(args.src)
     dst = args.dst
     if dst.suffix != ".safetensors":
@@ -63,6 +64,29 @@ def run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{len(weights.component_modules(c))} {c}" for c in formats.COMPONENTS if weights.component_modules(c))
     print(f"{dst}: {args.to} LoRA ({counts} modules, from {weights.format} {src})")
     return 0
+
+
+def _refuse_other_kinds(src: Path) -> None:
+    """One line for a LoHa/LoKr (or other non-LoRA) file: there is nothing lossless to convert it to.
+
+    Args:
+        src: ``convert``'s SRC.
+
+    Raises:
+        UserError: SRC holds another kind than LoRA.
+    """
+    from condkit.adapters.registry import detect_kind
+    from condkit.errors import UserError
+
+    try:
+        kind = detect_kind(src)
+    except UserError:
+        return  # not recognised at all: the LoRA reader names what is wrong
+    if kind != "lora":
+        raise UserError(
+            f"{src}: a {kind} adapter, not a LoRA; its file is already in the one layout every tool reads, "
+            "and no lossless conversion to a LoRA exists (use condkit merge to bake it into a base)"
+        )
 
 
 def _name_models(src: Path, base: str | None, base_config: str | None) -> tuple[dict, str]:
