@@ -25,7 +25,6 @@ from condkit.adapters.controlnet import formats
 from condkit.adapters.controlnet.branch import check_fits, controlnet_from_unet
 from condkit.adapters.controlnet.config import ControlNetConfig
 from condkit.adapters.controlnet.data import CONDITION_INPUT
-from condkit.adapters.controlnet.metrics import condition_edge_f1, mean_edge_scores
 from condkit.errors import UserError
 
 if TYPE_CHECKING:
@@ -256,24 +255,9 @@ class ControlNetAdapter(Adapter):
                 ``num_inference_steps``, ``guidance_scale``.
             step: the training step (unused: the maps and seed are fixed so steps compare).
         """
-        from condkit.adapters.controlnet.generate import generate_controlled, validation_pairs
+        from condkit.adapters.controlnet.generate import validate_on_condition_maps
 
-        prompts, conditions = validation_pairs(validation_config, base.resolution)
-        outputs = generate_controlled(
-            base,
-            [self],
-            prompts,
-            [[c] for c in conditions],
-            num_inference_steps=validation_config.num_inference_steps,
-            guidance_scale=validation_config.guidance_scale,
-            seed=validation_config.seed,
-        )
-        rows = [[to_condition_image(c), out] for c, out in zip(conditions, outputs)]
-        metrics: dict[str, float] = {}
-        if self.config.fidelity_metric == "edge_f1":
-            scores = [condition_edge_f1(np.asarray(c), np.asarray(o), self.config.edge_tolerance) for c, o in zip(conditions, outputs)]
-            metrics = mean_edge_scores(scores)
-        return rows, metrics
+        return validate_on_condition_maps(self, base, validation_config, self.generate_inputs[0].key)
 
     @classmethod
     def find_records(cls, data: Any) -> list:

@@ -33,16 +33,40 @@ def generate_controlled(
     seed: int = 0,
     negative_prompt: str | None = None,
 ) -> list[Image.Image]:
-    """Generate one image per prompt through condkit's generate path (:func:`condkit.generate.build_pipeline`).
+    """Generate one image per prompt with ControlNets, through condkit's generate path.
 
-    Image ``i`` uses ``torch.Generator().manual_seed(seed + i)``, so a stock
-    ``StableDiffusionControlNetPipeline`` called the same way reproduces it.
+    A stock ``StableDiffusionControlNetPipeline`` called the same way reproduces it.
+    Args as :func:`generate_with_condition_maps` (``control_images``: its ``maps``).
+    """
+    return generate_with_condition_maps(
+        base, adapters, prompts, control_images, "control_images", num_inference_steps, guidance_scale, seed, negative_prompt
+    )
+
+
+def generate_with_condition_maps(
+    base: BaseModel,
+    adapters: Sequence[Any],
+    prompts: Sequence[str],
+    maps: Sequence[Sequence[Any]],
+    input_key: str,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    negative_prompt: str | None = None,
+) -> list[Image.Image]:
+    """One image per prompt through :func:`condkit.generate.build_pipeline` (``condkit generate``'s path).
+
+    Image ``i`` uses ``torch.Generator().manual_seed(seed + i)``, so the stock pipeline
+    called the same way reproduces it. Shared by the kinds that take condition maps
+    (ControlNet, T2I-Adapter).
 
     Args:
         base: the base, with the adapters attached.
-        adapters: the attached adapters (ControlNets in the order of their maps).
+        adapters: the attached adapters (the map-taking ones in the order of their maps).
         prompts: one prompt per image.
-        control_images: per prompt, one condition map per ControlNet.
+        maps: per prompt, one condition map per map-taking adapter (path, PIL image or array).
+        input_key: the generate input the kind reads its maps from (its ``GenerateInput.key``,
+            e.g. ``control_images``).
         num_inference_steps: sampler steps.
         guidance_scale: classifier-free guidance scale.
         seed: base seed.
@@ -50,11 +74,11 @@ def generate_controlled(
     """
     from condkit.generate import build_pipeline
 
-    if len(prompts) != len(control_images):
-        raise ValueError(f"{len(prompts)} prompts but {len(control_images)} sets of condition maps")
+    if len(prompts) != len(maps):
+        raise ValueError(f"{len(prompts)} prompts but {len(maps)} sets of condition maps")
     images = []
-    for index, (prompt, maps) in enumerate(zip(prompts, control_images)):
-        pipe, call = build_pipeline(base, list(adapters), {"control_images": list(maps)})
+    for index, (prompt, per_adapter) in enumerate(zip(prompts, maps)):
+        pipe, call = build_pipeline(base, list(adapters), {input_key: list(per_adapter)})
         with half_precision_base(base):
             result = pipe(
                 prompt=prompt,
@@ -68,6 +92,39 @@ def generate_controlled(
             )
         images.append(result.images[0])
     return images
+
+
+def validate_on_condition_maps(adapter: Any, base: BaseModel, validation_config: Any, input_key: str) -> tuple[list[list[Image.Image]], dict[str, float]]:
+    """Validation of a map-taking kind: sample on fixed condition maps, rows (condition | output), edge F1.
+
+    Args:
+        adapter: the attached adapter; its config has ``fidelity_metric`` and ``edge_tolerance``.
+        base: the base it is attached to.
+        validation_config: the recipe's ``validation`` block: ``prompts``, ``images``
+            (condition-map files; held-out shapes-world maps when empty),
+            ``num_inference_steps``, ``guidance_scale``, ``seed``.
+        input_key: the kind's generate input key (see :func:`generate_with_condition_maps`).
+    """
+    from condkit.adapters.controlnet.adapter import to_condition_image
+    from condkit.adapters.controlnet.metrics import condition_edge_f1, mean_edge_scores
+
+    prompts, conditions = validation_pairs(validation_config, base.resolution)
+    outputs = generate_with_condition_maps(
+        base,
+        [adapter],
+        prompts,
+        [[c] for c in conditions],
+        input_key,
+        num_inference_steps=validation_config.num_inference_steps,
+        guidance_scale=validation_config.guidance_scale,
+        seed=validation_config.seed,
+    )
+    rows = [[to_condition_image(c), out] for c, out in zip(conditions, outputs)]
+    metrics: dict[str, float] = {}
+    if adapter.config.fidelity_metric == "edge_f1":
+        scores = [condition_edge_f1(np.asarray(c), np.asarray(o), adapter.config.edge_tolerance) for c, o in zip(conditions, outputs)]
+        metrics = mean_edge_scores(scores)
+    return rows, metrics
 
 
 def half_precision_base(base: BaseModel) -> contextlib.AbstractContextManager:

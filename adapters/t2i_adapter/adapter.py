@@ -14,13 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from condkit.adapters.base import Adapter, AdapterStateError, GenerateInput
 from condkit.adapters.controlnet.data import CONDITION_INPUT
-from condkit.adapters.controlnet.metrics import condition_edge_f1, mean_edge_scores
 from condkit.adapters.t2i_adapter import formats
 from condkit.adapters.t2i_adapter.config import T2IAdapterConfig
 from condkit.errors import UserError
@@ -308,26 +306,9 @@ class T2IAdapterKind(Adapter):
                 ``num_inference_steps``, ``guidance_scale``, ``seed``).
             step: the training step (unused: the maps and seed are fixed so steps compare).
         """
-        from condkit.adapters.controlnet.adapter import to_condition_image
-        from condkit.adapters.controlnet.generate import validation_pairs
-        from condkit.adapters.t2i_adapter.generate import generate_with_maps
+        from condkit.adapters.controlnet.generate import validate_on_condition_maps
 
-        prompts, conditions = validation_pairs(validation_config, base.resolution)
-        outputs = generate_with_maps(
-            base,
-            [self],
-            prompts,
-            [[c] for c in conditions],
-            num_inference_steps=validation_config.num_inference_steps,
-            guidance_scale=validation_config.guidance_scale,
-            seed=validation_config.seed,
-        )
-        rows = [[to_condition_image(c), out] for c, out in zip(conditions, outputs)]
-        metrics: dict[str, float] = {}
-        if self.config.fidelity_metric == "edge_f1":
-            scores = [condition_edge_f1(np.asarray(c), np.asarray(o), self.config.edge_tolerance) for c, o in zip(conditions, outputs)]
-            metrics = mean_edge_scores(scores)
-        return rows, metrics
+        return validate_on_condition_maps(self, base, validation_config, self.generate_inputs[0].key)
 
     @classmethod
     def find_records(cls, data: Any) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 from PIL import Image
 
 if TYPE_CHECKING:
@@ -40,24 +39,8 @@ def generate_with_maps(
         seed: base seed.
         negative_prompt: optional negative prompt.
     """
-    from condkit.adapters.controlnet.generate import half_precision_base
-    from condkit.generate import build_pipeline
+    from condkit.adapters.controlnet.generate import generate_with_condition_maps
+    from condkit.adapters.t2i_adapter.adapter import T2IAdapterKind
 
-    if len(prompts) != len(maps):
-        raise ValueError(f"{len(prompts)} prompts but {len(maps)} sets of condition maps")
-    images = []
-    for index, (prompt, per_adapter) in enumerate(zip(prompts, maps)):
-        pipe, call = build_pipeline(base, list(adapters), {"t2i_images": list(per_adapter)})
-        with half_precision_base(base):
-            result = pipe(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                height=base.resolution,
-                width=base.resolution,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(seed + index),
-                **call,
-            )
-        images.append(result.images[0])
-    return images
+    key = T2IAdapterKind.generate_inputs[0].key
+    return generate_with_condition_maps(base, adapters, prompts, maps, key, num_inference_steps, guidance_scale, seed, negative_prompt)
