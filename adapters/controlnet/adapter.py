@@ -119,12 +119,9 @@ class ControlNetAdapter(Adapter):
             batch: needs ``condition``, (b, C, H, W) float in [0, 1] at image resolution.
             base: unused.
         """
-        if "condition" not in batch:
-            raise UserError(
-                f"controlnet {self.name}: the dataset gives no condition maps "
-                "(add conditions/, a condition column, or data.condition_preprocessor)"
-            )
-        return {"condition": batch["condition"]}
+        from condkit.adapters.controlnet.data import batch_condition_maps
+
+        return batch_condition_maps(batch, f"controlnet {self.name}")
 
     def unet_kwargs(
         self,

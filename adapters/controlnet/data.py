@@ -240,3 +240,19 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
         rows.append((number, row))
     return rows
 
+
+def batch_condition_maps(batch: dict, who: str) -> dict:
+    """``{condition: (b, C, H, W)}`` from a training batch, for the kinds that take condition maps.
+
+    Args:
+        batch: the loop's batch; needs ``condition`` (float in [0, 1] at image resolution).
+        who: the adapter, for the message (e.g. ``controlnet default``).
+
+    Raises:
+        UserError: the dataset gives no condition maps.
+    """
+    from condkit.errors import UserError
+
+    if CONDITION_INPUT.name not in batch:
+        raise UserError(f"{who}: the dataset gives no condition maps (add conditions/, a condition column, or data.condition_preprocessor)")
+    return {CONDITION_INPUT.name: batch[CONDITION_INPUT.name]}

@@ -35,7 +35,7 @@ import torch
 
 from condkit.adapters.base import ADAPTER_CONFIG_FILE, Adapter
 from condkit.adapters.lora import formats
-from condkit.adapters.lora.adapter import _adapter_params, _requires_grad_kept, _set_active, active_adapter_names, rewrap_layers
+from condkit.adapters.lora.adapter import _adapter_params, _requires_grad_kept, _set_active, active_adapter_names, remove_peft_adapter, rewrap_layers
 from condkit.adapters.lora.config import TARGET_PRESETS, resolve_targets
 from condkit.errors import UserError
 
@@ -225,22 +225,10 @@ class LycorisAdapter(Adapter):
 
     def detach(self) -> None:
         """Remove this adapter's layers; with no adapter left, peft's wrappers go too."""
-        from diffusers.utils.peft_utils import delete_adapter_layers, recurse_remove_peft_layers
-
         if self.base is None:
             return
         for component in self.components:
-            model = self._model(component)
-            remaining = [n for n in active_adapter_names(model) if n != self.name]
-            with _requires_grad_kept(model):
-                delete_adapter_layers(model, self.name)
-                if getattr(model, "peft_config", None):
-                    _set_active(model, remaining)
-            if not getattr(model, "peft_config", None):
-                recurse_remove_peft_layers(model)
-                if hasattr(model, "peft_config"):
-                    del model.peft_config
-                model._hf_peft_config_loaded = None
+            remove_peft_adapter(self._model(component), self.name)  # LoRA's removal: peft layers alike
         self.base = None
         self.components = ()
 

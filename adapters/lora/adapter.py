@@ -65,26 +65,13 @@ class LoraAdapter(Adapter):
 
     def detach(self) -> None:
         """Remove this adapter's layers; with no LoRA left, peft's wrappers go too."""
-        from diffusers.utils.peft_utils import delete_adapter_layers, recurse_remove_peft_layers
-
         if self.base is None:
             return
         self._rewrap()
         if self.is_fused:
             self.unfuse()
         for component in self.components:
-            model = self._model(component)
-            remaining = [n for n in active_adapter_names(model) if n != self.name]
-            with _requires_grad_kept(model):
-                delete_adapter_layers(model, self.name)
-                if getattr(model, "peft_config", None):
-                    _set_active(model, remaining)
-            if not getattr(model, "peft_config", None):
-                # No LoRA left: unwrap peft's layers, as unet.unload_lora() does.
-                recurse_remove_peft_layers(model)
-                if hasattr(model, "peft_config"):
-                    del model.peft_config
-                model._hf_peft_config_loaded = None
+            remove_peft_adapter(self._model(component), self.name)
         self.base = None
         self.components = ()
 
@@ -595,3 +582,25 @@ def model_card(config: LoraConfig, base: BaseModel, weights: formats.LoraWeights
             "",
         ]
     )
+
+
+def remove_peft_adapter(model: torch.nn.Module, name: str) -> None:
+    """Delete one peft adapter's layers from ``model``, keeping the others active; with none
+    left, unwrap peft's layers as ``unet.unload_lora()`` does. Used by every peft-based kind.
+
+    Args:
+        model: a U-Net or text encoder with peft layers.
+        name: the adapter name to remove.
+    """
+    from diffusers.utils.peft_utils import delete_adapter_layers, recurse_remove_peft_layers
+
+    remaining = [n for n in active_adapter_names(model) if n != name]
+    with _requires_grad_kept(model):
+        delete_adapter_layers(model, name)
+        if getattr(model, "peft_config", None):
+            _set_active(model, remaining)
+    if not getattr(model, "peft_config", None):
+        recurse_remove_peft_layers(model)
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        model._hf_peft_config_loaded = None

@@ -165,12 +165,9 @@ class T2IAdapterKind(Adapter):
             batch: needs ``condition``, (b, C, H, W) float in [0, 1] at image resolution.
             base: unused.
         """
-        if CONDITION_INPUT.name not in batch:
-            raise UserError(
-                f"t2i_adapter {self.name}: the dataset gives no condition maps "
-                "(add conditions/, a condition column, or data.condition_preprocessor)"
-            )
-        return {CONDITION_INPUT.name: batch[CONDITION_INPUT.name]}
+        from condkit.adapters.controlnet.data import batch_condition_maps
+
+        return batch_condition_maps(batch, f"t2i_adapter {self.name}")
 
     def sample_timesteps(self, batch_size: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
         """T2I-Adapter's cubic sampling ``t = (1 - u^3) T`` (or uniform, per ``timestep_sampling``).
