@@ -210,3 +210,36 @@ def test_vae_colour_stage_continues_the_base_vae_and_keeps_its_unet_and_scale(tm
     assert json.loads((folder / "unet" / "config.json").read_text()) == json.loads((EMBEDDED_BASE_DIR / "unet" / "config.json").read_text())
     before = json.loads((EMBEDDED_BASE_DIR / "vae" / "config.json").read_text())["scaling_factor"]
     assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] == before
+
+
+def test_installing_a_unet_continuation_replaces_only_the_unet(tmp_path, monkeypatch):
+    """``--vae RUN --unet RUN`` installs the colour VAE, then the U-Net continued on its latents;
+    everything else and the earlier provenance stay, and the U-Net run is recorded."""
+    import shutil
+
+    from condkit.embedded import EMBEDDED_BASE_DIR, install
+
+    installed = tmp_path / "installed"
+    shutil.copytree(EMBEDDED_BASE_DIR, installed)
+    vae_run, unet_run = tmp_path / "vae_run", tmp_path / "unet_run"
+    shutil.copytree(EMBEDDED_BASE_DIR / "vae", vae_run / "base" / "vae")
+    (vae_run / "vae_summary.json").write_text(json.dumps({"steps": 1}))
+    shutil.copytree(EMBEDDED_BASE_DIR / "unet", unet_run / "unet")
+    weights = unet_run / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_state_dict(weights)
+    first = sorted(state)[0]
+    state[first] = state[first] + 1.0  # a U-Net that differs from the installed one
+    from safetensors.torch import save_file
+
+    save_file(state, weights)
+    (unet_run / "run.json").write_text(json.dumps({"steps": 2500, "seconds": 1.0}))
+    monkeypatch.setattr("sys.argv", ["install", "--vae", str(vae_run), "--unet", str(unet_run), "--dest", str(installed)])
+    assert install.main() == 0
+    assert (installed / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights.read_bytes()
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "image_encoder/model.safetensors", "TRAINING.md"):
+        assert (installed / part).read_bytes() == (EMBEDDED_BASE_DIR / part).read_bytes(), part
+    provenance = json.loads((installed / "provenance.json").read_text())
+    before = json.loads((EMBEDDED_BASE_DIR / "provenance.json").read_text())
+    assert provenance["unet_colour_stage"]["steps"] == 2500 and provenance["vae_colour_stage"]["steps"] == 1
+    assert all(provenance[key] == value for key, value in before.items() if key not in ("unet_colour_stage", "vae_colour_stage"))
+    assert not list(tmp_path.glob(".installed*"))

@@ -9,7 +9,9 @@ recording both recipes, seeds, the git commit and the stage timings.
 ``python -m condkit.embedded.install --image-encoder runs/base_image_encoder`` puts the
 image-encoder stage's trained ``image_encoder/`` into the installed base and adds that
 stage to ``provenance.json`` (the other components and records stay as they are);
-``--vae runs/base_vae_colours`` does the same for the VAE colour stage.
+``--vae runs/base_vae_colours`` does the same for the VAE colour stage, and
+``--unet runs/base_unet_colours`` for a U-Net continued on that VAE's latents (both flags
+together install the VAE first).
 """
 
 from __future__ import annotations
@@ -116,6 +118,28 @@ def install_colour_vae(run: str | Path, dest: str | Path = EMBEDDED_BASE_DIR) ->
     return install_component(run, "vae", "vae_colour_stage", "recipes/base/vae-colours.yaml", dest)
 
 
+def install_unet_continuation(run: str | Path, dest: str | Path = EMBEDDED_BASE_DIR) -> Path:
+    """Put a U-Net continued on a new VAE's latents into an installed base (``unet_colour_stage``).
+
+    Args:
+        run: output folder of ``condkit train recipes/base/unet.yaml --set base=<base with the new VAE>``
+            (holds ``unet/`` and ``run.json``).
+        dest: the installed base; everything but ``unet`` is kept.
+    """
+    run, dest = Path(run), Path(dest)
+    for required in (run / "unet" / "config.json", run / "run.json", dest / "model_index.json"):
+        if not required.is_file():
+            raise UserError(f"{required}: missing (continue the U-Net with recipes/base/unet.yaml first; see TRAINING.md)")
+    provenance = json.loads((dest / PROVENANCE_FILE).read_text()) if (dest / PROVENANCE_FILE).is_file() else {}
+    provenance["unet_colour_stage"] = {"recipe": "recipes/base/unet.yaml", "commit": _git_commit(Path(__file__).resolve().parents[2]),
+                                       **json.loads((run / "run.json").read_text())}
+    with atomic_folder(dest) as tmp:
+        shutil.copytree(dest, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet", "__pycache__"))
+        shutil.copytree(run / "unet", tmp / "unet")
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return dest
+
+
 def main() -> int:
     """``python -m condkit.embedded.install VAE_RUN UNET_RUN [--dest DIR]`` or ``--image-encoder RUN``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,17 +147,21 @@ def main() -> int:
     parser.add_argument("unet_run", nargs="?")
     parser.add_argument("--image-encoder", metavar="RUN", help="install only the image-encoder stage's encoder")
     parser.add_argument("--vae", metavar="RUN", help="install only the VAE colour stage's VAE")
+    parser.add_argument("--unet", metavar="RUN", help="install only a U-Net continued on the installed VAE's latents")
     parser.add_argument("--dest", type=Path, default=EMBEDDED_BASE_DIR)
     parser.add_argument("--debug", action="store_true", help="show the traceback of input errors")
     args = parser.parse_args()
-    if not (args.image_encoder or args.vae) and not (args.vae_run and args.unet_run):
-        parser.error("give VAE_RUN and UNET_RUN, --image-encoder RUN or --vae RUN")
+    if not (args.image_encoder or args.vae or args.unet) and not (args.vae_run and args.unet_run):
+        parser.error("give VAE_RUN and UNET_RUN, --image-encoder RUN, --vae RUN or --unet RUN")
 
     def run() -> int:
         if args.image_encoder:
             print(install_image_encoder(args.image_encoder, args.dest))
-        elif args.vae:
-            print(install_colour_vae(args.vae, args.dest))
+        elif args.vae or args.unet:  # the VAE first: the U-Net continuation belongs to its latents
+            if args.vae:
+                print(install_colour_vae(args.vae, args.dest))
+            if args.unet:
+                print(install_unet_continuation(args.unet, args.dest))
         else:
             print(install(args.vae_run, args.unet_run, args.dest))
         return 0
