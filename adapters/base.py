@@ -340,11 +340,27 @@ class Adapter(ABC):
         timesteps: torch.Tensor,
         text_embeds: torch.Tensor,
         extras: dict[str, torch.Tensor],
+        conditioning: Conditioning | None = None,
     ) -> dict[str, Any]:
         """Extra keyword arguments for ``unet(...)`` in a training step.
 
         Returns e.g. ``down_block_additional_residuals``/``mid_block_additional_residual``
         (ControlNet) or ``added_cond_kwargs`` (IP-Adapter). Default: none.
+
+        Args:
+            noisy_latents: (b, c, h, w) noisy latents.
+            timesteps: (b,) timesteps.
+            text_embeds: (b, tokens, d) cross-attention states (``conditioning.encoder_hidden_states``).
+            extras: what :meth:`encode_extras` returned (after :meth:`drop_conditions`).
+            conditioning: the batch's whole prompt conditioning, as the model family
+                calls the U-Net with it (after caption dropout and sample sizes): its
+                ``unet_kwargs`` hold the family's own U-Net arguments, e.g. SDXL's
+                ``added_cond_kwargs`` (pooled ``text_embeds`` (b, p), ``time_ids``
+                (b, 6)); empty for SD 1.x/2.x. A kind that runs a model of its own on
+                the U-Net's conditioning (a ControlNet branch) passes them on. None
+                when a caller has the text states only. The loop passes it only to
+                overrides that take it (:func:`adapter_unet_kwargs`), so kinds written
+                before it keep working.
         """
         return {}
 
@@ -584,6 +600,35 @@ def check_config_keys(config: dict[str, Any], config_class: type[AdapterConfig],
     unknown = sorted(set(config) - set(fields))
     if unknown:
         raise UserError(f"{source}: unknown config key {unknown[0]!r} (valid keys: {', '.join(fields)})")
+
+
+def adapter_unet_kwargs(
+    adapter: Adapter,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    conditioning: Conditioning,
+    extras: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """``adapter.unet_kwargs(...)`` with the whole conditioning, for any kind's signature.
+
+    Kinds (plugins too) written before :meth:`Adapter.unet_kwargs` took ``conditioning``
+    override it with four arguments; they get those four, the rest get the conditioning.
+
+    Args:
+        adapter: an attached adapter.
+        noisy_latents: (b, c, h, w) noisy latents.
+        timesteps: (b,) timesteps.
+        conditioning: the family's conditioning of the batch (hidden states and U-Net arguments).
+        extras: the adapters' extras of the batch.
+    """
+    import inspect
+
+    hidden = conditioning.encoder_hidden_states  # (b, tokens, d)
+    parameters = inspect.signature(adapter.unet_kwargs).parameters
+    takes = "conditioning" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if takes:
+        return adapter.unet_kwargs(noisy_latents, timesteps, hidden, extras, conditioning=conditioning)
+    return adapter.unet_kwargs(noisy_latents, timesteps, hidden, extras)
 
 
 def merge_unet_kwargs(parts: list[tuple[Adapter | type[Adapter] | None, dict[str, Any]]]) -> dict[str, Any]:

@@ -5,8 +5,10 @@ wide with a 32-d projection; different widths, as in SDXL, which diffusers' sing
 loader needs to tell them apart), a U-Net with the ``text_time`` embedding whose
 cross-attention takes both encoders' states side by side (32 + 48 = 80) and whose added
 embedding takes ``6 * addition_time_embed_dim + 32`` inputs, the embedded base's VAE
-(4x) and tokenizer (offline) for both tokenizers. Saved with
-``StableDiffusionXLPipeline.save_pretrained``, so it is a plain diffusers SDXL folder.
+(4x) and tokenizer (offline) for both tokenizers, and a tiny CLIP image encoder
+(``CLIPVisionModelWithProjection``, 24-d ``image_embeds``) with its feature extractor for
+IP-Adapter. Saved with ``StableDiffusionXLPipeline.save_pretrained``, so it is a plain
+diffusers SDXL folder.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from condkit.embedded import EMBEDDED_BASE_DIR
 HIDDEN, HIDDEN_2 = 32, 48  # the text encoders' widths; cross_attention_dim = HIDDEN + HIDDEN_2
 POOLED = 32  # text_encoder_2's projection_dim
 TIME_EMBED = 8  # addition_time_embed_dim
+IMAGE_EMBED = 24  # the image encoder's projection_dim (IP-Adapter's image_embeds width)
+IMAGE_SIZE = 32  # the image encoder's input side
 
 
 def _text_config(hidden: int, **extra):
@@ -40,7 +44,14 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
         seed: torch seed of the random weights.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -63,9 +74,16 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_BASE_DIR / "tokenizer")
     vae = AutoencoderKL.from_pretrained(EMBEDDED_BASE_DIR / "vae")
     scheduler = EulerDiscreteScheduler.from_pretrained(EMBEDDED_BASE_DIR / "scheduler")
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE,
+            patch_size=8, projection_dim=IMAGE_EMBED,
+        )
+    )
+    feature_extractor = CLIPImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE)
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
-        unet=unet, scheduler=scheduler,
+        unet=unet, scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor,
     )
     pipe.save_pretrained(folder)
     return Path(folder)

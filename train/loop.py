@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from condkit.adapters import merge_unet_kwargs
+from condkit.adapters import adapter_unet_kwargs, merge_unet_kwargs
 from condkit.errors import UserError
 from condkit.families import Conditioning, ModelFamily
 from condkit.io import remove_stale_temporaries, write_json_atomic
@@ -453,8 +453,10 @@ def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
     with accelerator.autocast():
         conditioning = conditioning.to(dtype=state.weight_dtype)
         hidden = conditioning.encoder_hidden_states  # (b, tokens, d)
-        # The family's own U-Net arguments (SDXL: pooled text, size ids) merge with the adapters'.
-        unet_kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), *((a, a.unet_kwargs(noisy_latents, timesteps, hidden, extras)) for a in state.adapters)])
+        # The family's own U-Net arguments (SDXL: pooled text, size ids) merge with the adapters';
+        # each adapter sees the whole conditioning (an SDXL ControlNet branch needs those arguments too).
+        parts = [(a, adapter_unet_kwargs(a, noisy_latents, timesteps, conditioning, extras)) for a in state.adapters]
+        unet_kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), *parts])
         prediction = state.model(noisy_latents, timesteps, hidden, **unet_kwargs).sample
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))  # (b,)
     weights = adapter.loss_weights(timesteps, noise_scheduler, cfg.snr_gamma)  # (b,) min-SNR by default, or None

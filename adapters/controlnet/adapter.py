@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from diffusers import ControlNetModel
 
     from condkit.base import BaseModel
+    from condkit.families import Conditioning
 
 # Pipeline arguments that take one value per ControlNet when several are attached; a
 # single ControlNet passes its value unwrapped, as diffusers expects.
@@ -129,14 +130,22 @@ class ControlNetAdapter(Adapter):
         timesteps: torch.Tensor,
         text_embeds: torch.Tensor,
         extras: dict[str, torch.Tensor],
+        conditioning: Conditioning | None = None,
     ) -> dict[str, Any]:
         """Run the branch and return its residuals for the U-Net call.
+
+        The branch is conditioned as the U-Net is: the text states, plus the model
+        family's own U-Net arguments (SDXL: ``added_cond_kwargs`` with the pooled
+        ``text_embeds`` and ``time_ids``, which ``ControlNetModel.from_unet`` kept the
+        ``text_time`` embedding for), as diffusers' ``train_controlnet_sdxl.py`` and
+        ``StableDiffusionXLControlNetPipeline`` call it.
 
         Args:
             noisy_latents: (b, 4, h, w) noisy latents.
             timesteps: (b,) timesteps.
             text_embeds: (b, 77, d) text embeddings (after caption dropout).
             extras: ``condition``, (b, C, h * f, w * f) float in [0, 1], f the VAE factor.
+            conditioning: the family's conditioning of the batch; None = text only (SD 1.x/2.x).
         """
         controlnet = self._branch()
         condition = extras["condition"]
@@ -146,6 +155,7 @@ class ControlNetAdapter(Adapter):
                 f"condition maps {tuple(condition.shape[-2:])} do not match latents {tuple(noisy_latents.shape[-2:])} x {factor}"
             )
         dtype = controlnet.dtype
+        family_kwargs = dict(conditioning.to(dtype=dtype).unet_kwargs) if conditioning is not None else {}
         down, mid = controlnet(
             noisy_latents.to(dtype),
             timesteps,
@@ -153,6 +163,7 @@ class ControlNetAdapter(Adapter):
             controlnet_cond=condition.to(device=noisy_latents.device, dtype=dtype),
             conditioning_scale=self.scale,
             return_dict=False,
+            **family_kwargs,
         )
         # down: one (b, c_i, h_i, w_i) residual per U-Net skip connection; mid: (b, c, h/2^k, w/2^k)
         return {
