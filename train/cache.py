@@ -31,6 +31,8 @@ KEY_METADATA = "condkit_cache_key"
 CAPTIONS_METADATA = "condkit_captions"
 # Prefix of the prompt-conditioning tensors in a disk cache (text.encoder_hidden_states, ...).
 CONDITIONING_PREFIX = "text."
+# Joins a name and a sample index in a disk cache whose samples differ in shape (latent_mean#17).
+PER_SAMPLE = "#"
 # Bumped when what an encoding means changes (the image loader, the key's contents).
 CACHE_FORMAT = 4  # 3: prompt conditioning stored as the model family's named tensors; 4: image sizes
 
@@ -38,6 +40,10 @@ CACHE_FORMAT = 4  # 3: prompt conditioning stored as the model family's named te
 @dataclasses.dataclass
 class EncodedSet:
     """The cached encodings of a dataset.
+
+    With aspect-ratio buckets (``data.aspect_buckets``) samples differ in shape: then each
+    per-sample tensor that does (latents, image-shaped extras) is a list of n tensors
+    (variants, ...) instead of one (variants, n, ...).
 
     Attributes:
         latent_mean, latent_std: (variants, n, c, h, w); variant 1 is the flipped image.
@@ -66,13 +72,13 @@ class EncodedSet:
             indices: sample indices.
             flips: per sample, whether to use the flipped variant.
         """
-        variant = torch.tensor([1 if f and self.latent_mean.shape[0] > 1 else 0 for f in flips])
+        variant = torch.tensor([1 if f and self.sizes.shape[0] > 1 else 0 for f in flips])  # sizes: (variants, n, 6) always
         index = torch.tensor(indices)
         out = {
-            "latent_mean": self.latent_mean[variant, index],  # (b, c, h, w)
-            "latent_std": self.latent_std[variant, index],
+            "latent_mean": _take(self.latent_mean, variant, index),  # (b, c, h, w)
+            "latent_std": _take(self.latent_std, variant, index),
             "caption": [self.captions[i] for i in indices],
-            "extras": {k: v[variant, index] for k, v in self.extras.items()},
+            "extras": {k: _take(v, variant, index) for k, v in self.extras.items()},
             "sizes": self.sizes[variant, index],  # (b, 6)
         }
         if self.conditioning is not None:
@@ -92,10 +98,12 @@ class EncodedSet:
         """
         from condkit.io import save_safetensors_atomic, write_json_atomic
 
-        tensors = {"latent_mean": self.latent_mean, "latent_std": self.latent_std, "caption_index": self.caption_index, "sizes": self.sizes}
+        tensors = {"caption_index": self.caption_index, "sizes": self.sizes, **_per_sample_keys("latent_mean", self.latent_mean),
+                   **_per_sample_keys("latent_std", self.latent_std)}
         if self.conditioning is not None:
             tensors.update({CONDITIONING_PREFIX + k: v for k, v in self.conditioning.items()})
-        tensors.update({f"extras.{k}": v for k, v in self.extras.items()})
+        for k, v in self.extras.items():
+            tensors.update(_per_sample_keys(f"extras.{k}", v))
         metadata = {KEY_METADATA: key, CAPTIONS_METADATA: json.dumps(self.captions)}
         save_safetensors_atomic(tensors, path, metadata=metadata)
         write_json_atomic(Path(path).with_suffix(".json"), {"key": key, "captions": self.captions})
@@ -105,7 +113,7 @@ class EncodedSet:
         """Read a cache written by :meth:`save`."""
         from condkit.io import load_state_dict, read_safetensors_metadata
 
-        tensors = load_state_dict(path)
+        tensors = _joined_per_sample(load_state_dict(path))
         captions = json.loads(read_safetensors_metadata(path)[CAPTIONS_METADATA])
         return cls(
             latent_mean=tensors["latent_mean"],
@@ -134,26 +142,23 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
     from condkit.train.data import SIZES, collate
 
     variants = (False, True) if flip else (False,)
-    means, stds, extras, sizes = [], [], {}, []
-    total = len(dataset) * len(variants)
-    for variant in variants:
-        variant_means, variant_stds, variant_extras, variant_sizes = [], [], {}, []
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset.item(i, flip=variant) for i in range(start, min(start + batch_size, len(dataset)))])
+    n, done = len(dataset), 0
+    rows: dict[str, list[list]] = {}  # name -> per variant, per sample: that sample's tensor
+    for number, variant in enumerate(variants):
+        for chunk in _encoding_chunks(dataset, batch_size):
+            batch = collate([dataset.item(i, flip=variant) for i in chunk])
             mean, std = latent_distribution(base, batch["pixel_values"])
-            variant_means.append(mean.float().cpu())
-            variant_stds.append(std.float().cpu())
-            variant_sizes.append(batch[SIZES])
+            values = {"latent_mean": mean.float().cpu(), "latent_std": std.float().cpu(), "sizes": batch[SIZES]}
             for adapter in adapters:
-                for name, value in adapter.encode_extras(batch, base).items():
-                    variant_extras.setdefault(name, []).append(value.float().cpu())
+                values.update({f"extras.{name}": value.float().cpu() for name, value in adapter.encode_extras(batch, base).items()})
+            for name, value in values.items():
+                slots = rows.setdefault(name, [[None] * n for _ in variants])[number]
+                for index, row in zip(chunk, value):
+                    slots[index] = row
+            done += len(chunk)
             if progress:
-                progress(len(variant_means) * batch_size, total)
-        means.append(torch.cat(variant_means))
-        stds.append(torch.cat(variant_stds))
-        sizes.append(torch.cat(variant_sizes))
-        for name, parts in variant_extras.items():
-            extras.setdefault(name, []).append(torch.cat(parts))
+                progress(done, n * len(variants))
+    packed = {name: _packed(per_variant) for name, per_variant in rows.items()}
     captions = [record.caption for record in dataset.records]
     unique = sorted(set(captions))
     lookup = {caption: i for i, caption in enumerate(unique)}
@@ -162,14 +167,62 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
         parts = [encode_conditioning(base, unique[i : i + 64]).to("cpu", torch.float32) for i in range(0, len(unique), 64)]
         conditioning = Conditioning.cat(parts).tensors()
     return EncodedSet(
-        latent_mean=torch.stack(means),
-        latent_std=torch.stack(stds),
+        latent_mean=packed["latent_mean"],
+        latent_std=packed["latent_std"],
         caption_index=torch.tensor([lookup[c] for c in captions], dtype=torch.long),
         conditioning=conditioning,
         captions=captions,
-        extras={k: torch.stack(v) for k, v in extras.items()},
-        sizes=torch.stack(sizes),
+        extras={k[len("extras.") :]: v for k, v in packed.items() if k.startswith("extras.")},
+        sizes=packed["sizes"],
     )
+
+
+def _encoding_chunks(dataset, batch_size: int) -> list[list[int]]:
+    """Sample indices encoded together: consecutive ones, or, with aspect-ratio buckets,
+    ones of the same bucket (a batch's images must have one shape)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return [list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, target in enumerate(targets):
+        groups.setdefault(target, []).append(index)
+    return [group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
+
+
+def _packed(per_variant: list[list[torch.Tensor]]) -> torch.Tensor | list[torch.Tensor]:
+    """Per-variant lists of per-sample tensors as one (variants, n, ...) tensor when every
+    sample's has one shape, else as a list of n (variants, ...) tensors (bucketed shapes)."""
+    if len({tuple(row.shape) for rows in per_variant for row in rows}) == 1:
+        return torch.stack([torch.stack(rows) for rows in per_variant])
+    return [torch.stack([rows[index] for rows in per_variant]) for index in range(len(per_variant[0]))]
+
+
+def _take(values: torch.Tensor | list[torch.Tensor], variant: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[variant, index]`` -> (b, ...), of a (variants, n, ...) tensor or a per-sample list of (variants, ...) tensors."""
+    if isinstance(values, torch.Tensor):
+        return values[variant, index]
+    return torch.stack([values[i][v] for v, i in zip(variant.tolist(), index.tolist())])
+
+
+def _per_sample_keys(name: str, value: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The safetensors entries of one cached value: ``name``, or ``name#i`` per sample when it is a list."""
+    if isinstance(value, torch.Tensor):
+        return {name: value}
+    return {f"{name}{PER_SAMPLE}{i}": row for i, row in enumerate(value)}
+
+
+def _joined_per_sample(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """A disk cache's entries with the ``name#i`` ones joined back into per-sample lists (inverse of :func:`_per_sample_keys`)."""
+    joined: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+    rows: dict[str, dict[int, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, separator, number = key.rpartition(PER_SAMPLE)
+        if separator:
+            rows.setdefault(name, {})[int(number)] = tensor
+        else:
+            joined[key] = tensor
+    joined.update({name: [found[i] for i in range(len(found))] for name, found in rows.items()})
+    return joined
 
 
 def _file_identity(path: Path) -> list:
@@ -245,6 +298,7 @@ def cache_key(dataset, base, adapters, *, with_text: bool, flip: bool) -> str:
             for r in dataset.records
         ],
         "size": dataset.size,
+        **({"buckets": dataset.targets} if getattr(dataset, "targets", None) is not None else {}),
         "crop": dataset.crop,
         "flip": flip,
         "with_text": with_text,

@@ -347,42 +347,45 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return pil_to_array(image)
 
 
-def resize_and_crop(rgb: np.ndarray, size: int, crop: str, rng: random.Random) -> np.ndarray:
-    """Resize the shorter side to ``size`` and crop a ``size`` square.
+def resize_and_crop(rgb: np.ndarray, size: int | tuple[int, int], crop: str, rng: random.Random) -> np.ndarray:
+    """Resize the image to cover ``size`` (the shorter side for a square) and crop it to ``size``.
 
     Args:
         rgb: (H, W, 3) uint8.
-        size: output side in pixels.
+        size: output side in pixels, or ``(height, width)`` (an aspect-ratio bucket).
         crop: ``center`` or ``random``.
         rng: source of the random crop offset (seeded per sample for reproducibility).
     """
     return resize_and_crop_box(rgb, size, crop, rng)[0]
 
 
-def resize_and_crop_box(rgb: np.ndarray, size: int, crop: str, rng: random.Random) -> tuple[np.ndarray, tuple[int, int, int]]:
+def resize_and_crop_box(
+    rgb: np.ndarray, size: int | tuple[int, int], crop: str, rng: random.Random
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """:func:`resize_and_crop`, also saying where the crop lies.
 
     Args:
         rgb: (H, W, 3) uint8.
-        size: output side in pixels.
+        size: output side in pixels, or ``(height, width)`` (an aspect-ratio bucket).
         crop: ``center`` or ``random``.
         rng: source of the random crop offset.
 
     Returns:
-        The (size, size, 3) crop and ``(top, left, resized width)``: the crop's top-left
+        The (out_h, out_w, 3) crop and ``(top, left, resized width)``: the crop's top-left
         corner in the resized image and that image's width (to mirror ``left`` on a flip).
     """
     height, width = rgb.shape[:2]
-    scale = size / min(height, width)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    scale = max(out_h / height, out_w / width)  # the smallest resize that covers the output
+    new_w, new_h = max(out_w, round(width * scale)), max(out_h, round(height * scale))
     image = Image.fromarray(rgb)
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
     if crop == "random":
-        left, top = rng.randint(0, new_w - size), rng.randint(0, new_h - size)
+        left, top = rng.randint(0, new_w - out_w), rng.randint(0, new_h - out_h)
     else:
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size))), (top, left, new_w)
+        left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+    return np.asarray(image.crop((left, top, left + out_w, top + out_h))), (top, left, new_w)
 
 
 def to_tensor(rgb: np.ndarray, signed: bool) -> torch.Tensor:
@@ -412,13 +415,17 @@ class TrainingSet(torch.utils.data.Dataset):
         flip: random horizontal flips.
         seed: recipe seed.
         inputs: the per-sample inputs to load; default: all the registered kinds declare.
+        targets: per record, the ``(height, width)`` of its aspect-ratio bucket
+            (:mod:`condkit.train.buckets`); None = every sample is a ``size`` square.
     """
 
     def __init__(
-        self, records: list[Record], size: int, crop: str, flip: bool, seed: int, inputs: tuple[SampleInput, ...] | None = None
+        self, records: list[Record], size: int, crop: str, flip: bool, seed: int, inputs: tuple[SampleInput, ...] | None = None,
+        targets: tuple[tuple[int, int], ...] | None = None,
     ) -> None:
         self.records = records
         self.size = size
+        self.targets = targets
         self.crop = crop
         self.flip = flip
         self.seed = seed
@@ -446,7 +453,8 @@ class TrainingSet(torch.utils.data.Dataset):
         rng = rng or random.Random(index)
         crop_state = rng.getstate()
         original = load_rgb(record.image)
-        image, (top, left, resized_width) = resize_and_crop_box(original, self.size, self.crop, rng)
+        target = self.targets[index] if self.targets is not None else (self.size, self.size)  # (height, width)
+        image, (top, left, resized_width) = resize_and_crop_box(original, target, self.crop, rng)
         loaded = {}
         for declared in self.inputs:
             value = self._load_input(record, declared, original, image, rng, crop_state)
@@ -455,10 +463,10 @@ class TrainingSet(torch.utils.data.Dataset):
         if flip:
             image = image[:, ::-1]
             loaded = {name: value[:, ::-1] for name, value in loaded.items()}
-            left = resized_width - self.size - left  # the crop as seen in the mirrored image
+            left = resized_width - target[1] - left  # the crop as seen in the mirrored image
         sample: dict[str, Any] = {"caption": record.caption, "pixel_values": to_tensor(image, signed=True)}  # (3, H, W) in [-1, 1]
         # Sizes the model family may condition on (its size ids), whatever the family.
-        sample[SIZES] = torch.tensor([original.shape[0], original.shape[1], top, left, self.size, self.size])  # (6,)
+        sample[SIZES] = torch.tensor([original.shape[0], original.shape[1], top, left, *target])  # (6,)
         for name, value in loaded.items():
             sample[name] = to_tensor(value, signed=False)  # (3, H, W) in [0, 1]
         return sample
@@ -490,7 +498,7 @@ class TrainingSet(torch.utils.data.Dataset):
                 f"{record.image} is {original.shape[1]}x{original.shape[0]} px"
             )
         rng.setstate(crop_state)  # the same crop as the image
-        return resize_and_crop(rgb, self.size, self.crop, rng)
+        return resize_and_crop(rgb, image.shape[:2], self.crop, rng)
 
     def _preprocess(self, name: str, image: np.ndarray) -> np.ndarray:
         if name not in self._preprocessors:

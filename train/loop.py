@@ -45,6 +45,7 @@ from condkit.adapters import adapter_unet_kwargs, merge_unet_kwargs
 from condkit.errors import UserError
 from condkit.families import Conditioning, ModelFamily
 from condkit.io import remove_stale_temporaries, write_json_atomic
+from condkit.train import buckets
 from condkit.train import checkpoint as ckpt
 from condkit.train import distributed
 from condkit.train.cache import EncodedSet, load_or_encode
@@ -256,6 +257,9 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
     frozen_adapters = [load_adapter(path, base) for path in recipe.frozen_adapters]
     adapter_cls = get_adapter_class(recipe.adapter.kind)
     records = find_records(data_cfg, adapter_cls, recipe.seed)
+    targets = None  # each record's aspect-ratio bucket; assigned before prior images are generated, so a bad key stops first
+    if data_cfg.aspect_buckets:
+        targets = buckets.assign_buckets(records, data_cfg, data_cfg.resolution or base.resolution, base.vae_scale_factor, accelerator.print)
     class_records = prior_records(data_cfg, base, output_dir, recipe.seed) if data_cfg.prior_prompt else []
     adapter = adapter_cls(recipe.adapter.config, name="default")
     adapter.attach(base)
@@ -282,7 +286,7 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
     size = data_cfg.resolution or base.resolution
     if size % base.vae_scale_factor:
         raise UserError(f"data.resolution = {size} must be a multiple of the VAE factor {base.vae_scale_factor}")
-    dataset = TrainingSet(records, size, data_cfg.crop, data_cfg.flip, recipe.seed)
+    dataset = TrainingSet(records, size, data_cfg.crop, data_cfg.flip, recipe.seed, targets=targets)
     class_set = TrainingSet(class_records, size, "center", data_cfg.flip, recipe.seed + 1) if class_records else None
     dataset.check_all()  # a corrupt image fails now, before any work
     cache = class_cache = None
@@ -721,7 +725,8 @@ def _batch_positions(micro_batch: int, batch_size: int, world: int, rank: int) -
     """Global sample positions of this process's share of a micro-batch.
 
     The data stream is an endless sequence of epochs; position ``p`` is sample
-    ``p % n`` of epoch ``p // n``'s permutation (resolved in :func:`_get_batch`).
+    ``p % n`` of epoch ``p // n``'s permutation (resolved in :func:`_get_batch`; with
+    aspect-ratio buckets a micro-batch is batch ``p // batch_size`` of :func:`condkit.train.buckets.batch_at`).
     Each process takes its own ``batch_size`` slice of the global micro-batch.
     """
     first = (micro_batch * world + rank) * batch_size
@@ -743,11 +748,14 @@ def _get_batch(state: TrainState, dataset: TrainingSet, cache: EncodedSet | None
         ``extras`` (name -> (b, ...)).
     """
     n = len(dataset)
-    indices, epochs = [], []
-    for position in positions:
-        epoch = position // n
-        indices.append(_epoch_order(n, epoch, dataset.seed)[position % n])
-        epochs.append(epoch)
+    if dataset.targets is not None:  # aspect-ratio buckets: the micro-batch is one bucket's batch (maybe a smaller last one)
+        indices, epochs = buckets.batch_at(dataset.targets, len(positions), dataset.seed, positions[0] // len(positions))
+    else:
+        indices, epochs = [], []
+        for position in positions:
+            epoch = position // n
+            indices.append(_epoch_order(n, epoch, dataset.seed)[position % n])
+            epochs.append(epoch)
     flips = [dataset.flip and random.Random(hash((dataset.seed, e, i))).random() < 0.5 for i, e in zip(indices, epochs)]
     base, family = state.base, state.family
     if cache is not None:
