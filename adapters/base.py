@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import keyword
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -144,13 +145,21 @@ class SampleInput:
         folder: a folder beside ``images/`` holding one file per image, matched by the
             image's path below ``images/`` without suffix ('' = none).
         folder_key: a ``data`` recipe key naming a folder of files matched to the
-            images by file stem; it replaces any other source ('' = none).
+            images by file stem; it replaces any other source ('' = none). The key
+            exists in recipes because the kind declares it (see :meth:`data_keys`).
+        folder_help: the one-line help of ``folder_key`` (``--keys``, the README table).
         preprocessor_key: a ``data`` recipe key naming a preprocessor that makes the
-            input from the (cropped) image when a sample has none ('' = none).
+            input from the (cropped) image when a sample has none ('' = none); recipes
+            are checked to name a known preprocessor.
+        preprocessor_help: the one-line help of ``preprocessor_key``.
+        preprocessor_default: the default of ``preprocessor_key`` ('' = off).
         aligned: a map of the image: it must have the image's size and takes the
             image's crop; otherwise it is center-cropped on its own. Both follow the
             image's flip.
         default_to_image: a sample without it gets the training image itself.
+
+    Raises:
+        ValueError: a key is not a Python name, or has no help text.
     """
 
     name: str
@@ -158,9 +167,53 @@ class SampleInput:
     columns: tuple[str, ...] = ()
     folder: str = ""
     folder_key: str = ""
+    folder_help: str = ""
     preprocessor_key: str = ""
+    preprocessor_help: str = ""
+    preprocessor_default: str = ""
     aligned: bool = True
     default_to_image: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked here, when the kind's module is imported, so a bad declaration is one
+        # line naming the kind's entry point (the registry reports import errors).
+        for key, help_text in ((self.folder_key, self.folder_help), (self.preprocessor_key, self.preprocessor_help)):
+            if key and not (key.isidentifier() and not keyword.iskeyword(key)):
+                raise ValueError(f"sample input {self.name!r}: data key {key!r} is not a Python name")
+            if key and not help_text.strip():
+                raise ValueError(f"sample input {self.name!r}: data key {key!r} has no help text")
+        if self.folder_key and self.folder_key == self.preprocessor_key:
+            raise ValueError(f"sample input {self.name!r}: {self.folder_key!r} cannot be both its folder and its preprocessor key")
+
+    def data_keys(self) -> tuple[DataKey, ...]:
+        """The ``data`` recipe keys this input adds (its folder key, its preprocessor key)."""
+        keys = []
+        if self.folder_key:
+            keys.append(DataKey(self.folder_key, self.folder_help))
+        if self.preprocessor_key:
+            keys.append(DataKey(self.preprocessor_key, self.preprocessor_help, self.preprocessor_default, names_preprocessor=True))
+        return tuple(keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataKey:
+    """A text key of a recipe's ``data`` section that a kind's :class:`SampleInput` declares.
+
+    :func:`condkit.train.config.data_config_class` turns the keys of every registered
+    kind into fields of the ``data`` section, so recipes write ``data.<name>: value``
+    and ``--keys``/the README list it with ``help``.
+
+    Attributes:
+        name: the key (``data.<name>``).
+        help: one line saying what it does.
+        default: its default ('' = off).
+        names_preprocessor: its value is a preprocessor name (checked when a recipe loads).
+    """
+
+    name: str
+    help: str
+    default: str = ""
+    names_preprocessor: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +259,11 @@ class Adapter(ABC):
     # Options of `condkit generate` this kind consumes (see GenerateInput).
     generate_inputs: ClassVar[tuple[GenerateInput, ...]] = ()
     # The pipeline component this kind adds (a key of pipeline_components()) and the
-    # pipeline purpose a pipeline with it needs, which the base's model family maps to a
-    # diffusers class (e.g. "controlnet"); '' = the base's text-to-image pipeline.
+    # variant of diffusers pipeline a pipeline with it needs: the base's model family puts
+    # it into its class names (family prefix + variant + task + "Pipeline", e.g. "Adapter"
+    # gives StableDiffusionAdapterPipeline); '' = the base's own pipelines.
     pipeline_component: ClassVar[str] = ""
-    pipeline_purpose: ClassVar[str] = ""
+    pipeline_variant: ClassVar[str] = ""
 
     def __init__(self, config: AdapterConfig, name: str = "default") -> None:
         self.config = config

@@ -131,7 +131,7 @@ class BaseModel:
             requires_safety_checker=False,
         )
         parts.update(components)
-        cls = self.family.pipeline_class(pipeline_purpose(parts))
+        cls = self.family.pipeline_class("text2image", pipeline_variant(parts))
         # Not every pipeline class takes every module of the base (e.g. some have no image
         # encoder); the base's own go unused there, an adapter's missing is an error.
         refused = [name for name in components if name not in _accepted(cls, components)]
@@ -142,12 +142,12 @@ class BaseModel:
         return pipe
 
 
-def pipeline_purpose(components: dict[str, Any]) -> str:
-    """The pipeline purpose ``components`` need, which the model family maps to a class.
+def pipeline_variant(components: dict[str, Any]) -> str:
+    """The pipeline variant ``components`` need, which the model family turns into a class.
 
     A kind that adds its own model to the pipeline declares the component's name and the
-    purpose (:attr:`condkit.adapters.base.Adapter.pipeline_component` and
-    ``pipeline_purpose``); without such a component the purpose is ``text2image``.
+    variant (:attr:`condkit.adapters.base.Adapter.pipeline_component` and
+    ``pipeline_variant``); without such a component it is '' (the plain pipeline).
 
     Args:
         components: the pipeline's components by name.
@@ -155,9 +155,9 @@ def pipeline_purpose(components: dict[str, Any]) -> str:
     from condkit.adapters.registry import loadable_adapter_classes
 
     for kind_class in loadable_adapter_classes():
-        if kind_class.pipeline_purpose and components.get(kind_class.pipeline_component) is not None:
-            return kind_class.pipeline_purpose
-    return "text2image"
+        if kind_class.pipeline_variant and components.get(kind_class.pipeline_component) is not None:
+            return kind_class.pipeline_variant
+    return ""
 
 
 def load_base(spec: str | os.PathLike = EMBEDDED, config: str | os.PathLike | None = None) -> BaseModel:

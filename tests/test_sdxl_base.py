@@ -52,8 +52,15 @@ def test_family_told_from_unet_config_and_model_index(tiny_sdxl, exported_base, 
         family_of_folder(odd)
     family = get_family("sdxl")
     assert family.kohya_prefixes == {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    assert family.pipeline_class("controlnet").__name__ == "StableDiffusionXLControlNetPipeline"
-    assert family.pipeline_class("t2i_adapter").__name__ == "StableDiffusionXLAdapterPipeline"
+    # the pipeline classes of the kinds that need their own pipeline: family prefix + kind's variant
+    from condkit.adapters.registry import get_adapter_class
+
+    controlnet, t2i = (get_adapter_class(kind).pipeline_variant for kind in ("controlnet", "t2i_adapter"))
+    assert family.pipeline_class("text2image", controlnet).__name__ == "StableDiffusionXLControlNetPipeline"
+    assert family.pipeline_class("inpaint", controlnet).__name__ == "StableDiffusionXLControlNetInpaintPipeline"
+    assert family.pipeline_class("text2image", t2i).__name__ == "StableDiffusionXLAdapterPipeline"
+    with pytest.raises(UserError, match=r"model family 'sdxl': diffusers .* has no StableDiffusionXLAdapterInpaintPipeline"):
+        family.pipeline_class("inpaint", t2i)
 
 
 def test_folder_loads_with_both_encoders_and_draws_like_stock(base, stock):

@@ -12,44 +12,52 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from condkit.adapters.base import config_field as _field  # one way to declare a key, for recipes and adapter kinds
+from condkit.adapters.base import DataKey, config_field as _field  # one way to declare a key, for recipes and adapter kinds
 from condkit.errors import UserError, report_user_errors
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the training images come from and how they are prepared."""
+    """Where the training images come from and how they are prepared.
+
+    These are condkit's own ``data`` keys. The keys of the adapter kinds' per-sample
+    inputs (a folder of them, the preprocessor that makes them) are declared by the kinds
+    and added by :func:`data_config_class`; ``DataConfig(...)`` makes an instance of that
+    class, so ``DataConfig(path="x", KEY=value)`` takes a declared key as a recipe does.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DataConfig:
+        """An instance of the data class with the registered kinds' keys (arguments go to ``__init__``)."""
+        return super().__new__(data_config_class() if cls is DataConfig else cls)
+
+    def __reduce__(self) -> tuple:
+        """Pickle and copy by values: the class made from the registry has no importable name."""
+        return (_data_config_from, ({field.name: getattr(self, field.name) for field in dataclasses.fields(self)},))
 
     path: str = _field("", "image folder (captions from NAME.txt or metadata.jsonl), or 'shapes' for the built-in shapes world")
     caption: str = _field("", "caption for images without their own")
     caption_dropout: float = _field(0.0, "share of captions replaced by the empty prompt", range=(0.0, 1.0))
     resolution: int = _field(0, "training size in pixels; 0 = the base's native size", range=(0, 4096))
-    crop: str = _field("center", "how to crop to a square (or the aspect-ratio bucket) after resizing", choices=("center", "random"))
-    aspect_buckets: bool = _field(
-        False, "train each image at its own aspect ratio: buckets of about resolution^2 pixels, one bucket per batch (off: square crops)"
-    )
-    bucket_step: int = _field(
-        0, "bucket sides are multiples of this many pixels (a multiple of the VAE factor); 0 = 64, or resolution/8 when smaller", range=(0, 1024)
-    )
+    crop: str = _field("center", "how to crop to a square after resizing", choices=("center", "random"))
     flip: bool = _field(False, "random horizontal flips")
     cache: str = _field("memory", "cache VAE latents and text embeddings when nothing upstream trains", choices=("memory", "disk", "off"))
     repeats: int = _field(1, "how often each image appears per epoch", range=(1, 10000))
     shapes_count: int = _field(2000, "number of samples when path is 'shapes'", range=(1, 1_000_000))
     shapes_partial_captions: float = _field(
-        0.0, "share of shapes-world captions that leave out some of colour, shape and background (IP-Adapter: the reference supplies them)", range=(0.0, 1.0)
+        0.0, "share of shapes-world captions that leave out some of colour, shape and background (for image-prompt kinds: their second picture supplies them)", range=(0.0, 1.0)
     )
     shapes_reference_variety: float = _field(
-        0.0, "share of shapes-world reference images drawn the way users draw theirs: 20-85% of the side, possibly cut by the border, 64-128 px, half anti-aliased (IP-Adapter)", range=(0.0, 1.0)
+        0.0, "share of the shapes world's image prompts drawn the way users draw theirs: 20-85% of the side, possibly cut by the border, 64-128 px, half anti-aliased", range=(0.0, 1.0)
     )
-    condition_preprocessor: str = _field("", "compute condition maps from the images with this preprocessor (ControlNet)")
-    reference: str = _field("", "folder of reference images matched by file stem (IP-Adapter); default: the image itself")
     allow_outside_paths: bool = _field(
         False, "let metadata.jsonl / prompt.json name files outside data.path (absolute or ../ paths); off: such a row is refused"
     )
@@ -108,7 +116,7 @@ class ValidationConfig:
 
     every: int = _field(0, "sample validation images every N steps; 0 = off (the end of training still samples)", range=(0, 10_000_000))
     prompts: list[str] = _field([], "prompts to sample")
-    images: list[str] = _field([], "condition maps (ControlNet) or reference images (IP-Adapter) to sample with")
+    images: list[str] = _field([], "images the trained kind samples with (its per-sample input: a map of the picture, or an image prompt)")
     num_inference_steps: int = _field(25, "sampling steps", range=(1, 1000))
     guidance_scale: float = _field(7.5, "classifier-free guidance scale", range=(0.0, 100.0))
     seed: int = _field(0, "sampling seed", range=(0, 2**63 - 1))
@@ -140,7 +148,79 @@ class Recipe:
 # torch.manual_seed takes up to 2**64 - 1; the loop also seeds with seed + 1.
 SEED_RANGE = (0, 2**63 - 1)
 TOP_LEVEL_KEYS = ("base", "base_config", "seed", "frozen_adapters", "data", "adapter", "train", "validation")
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "validation": ValidationConfig}
+
+
+def recipe_sections() -> dict[str, type]:
+    """The recipe's sections by name: ``data`` (with the registered kinds' keys, see
+    :func:`data_config_class`), ``train`` and ``validation``."""
+    return {"data": data_config_class(), "train": TrainConfig, "validation": ValidationConfig}
+
+
+def __getattr__(name: str) -> Any:
+    """``SECTIONS`` (:func:`recipe_sections`): computed on access, as its data class depends
+    on the registered kinds (PEP 562 module attribute)."""
+    if name == "SECTIONS":
+        return recipe_sections()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def data_config_class() -> type[DataConfig]:
+    """The ``data`` section's class: :class:`DataConfig` plus the keys the registered kinds declare.
+
+    Each :class:`~condkit.adapters.base.SampleInput` of a registered kind (built in, or a
+    plugin found through the ``condkit.adapters`` entry points) may declare a folder key
+    and a preprocessor key (:meth:`~condkit.adapters.base.SampleInput.data_keys`); each
+    becomes a text field with the declared default and help, after condkit's own keys.
+    So recipes, ``--set data.KEY=...``, unknown-key messages, ``--keys`` and the README
+    table (:func:`describe_schema`) treat them as condkit's own keys.
+
+    Raises:
+        UserError: a kind declares a key condkit's ``data`` section has, or two kinds
+            declare one key differently (naming the kinds and the key).
+    """
+    from condkit.adapters.registry import loadable_adapter_classes
+
+    own = {field.name for field in dataclasses.fields(DataConfig)}
+    declared: dict[str, tuple[str, DataKey]] = {}
+    for kind_class in loadable_adapter_classes():  # a kind that fails to import is named once and skipped
+        for key in (key for sample_input in kind_class.sample_inputs for key in sample_input.data_keys()):
+            if key.name in own:
+                raise UserError(f"adapter kind {kind_class.kind!r} declares data.{key.name}, which is a key of condkit's own data section")
+            first_kind, first = declared.setdefault(key.name, (kind_class.kind, key))
+            if first != key:
+                raise UserError(f"adapter kinds {first_kind!r} and {kind_class.kind!r} declare data.{key.name} differently ({first} / {key})")
+    return _data_class_with(tuple(key for _, key in declared.values()))
+
+
+@functools.cache  # one class per set of keys, so equal configs compare equal and copies keep their class
+def _data_class_with(keys: tuple[DataKey, ...]) -> type[DataConfig]:
+    """:class:`DataConfig` plus one text field per declared key, after condkit's own fields."""
+    fields = [(key.name, str, _declared_field(key)) for key in keys]
+    cls = dataclasses.make_dataclass("DataConfig", fields, bases=(DataConfig,), frozen=True)
+    cls.__module__, cls.__doc__ = __name__, DataConfig.__doc__
+    return cls
+
+
+def _declared_field(key: DataKey) -> dataclasses.Field:
+    """The dataclass field of a declared key: its default, help, and for a preprocessor name
+    a check that the preprocessor exists."""
+    field = _field(key.default, key.help)
+    if key.names_preprocessor:
+        field.metadata = types.MappingProxyType({**field.metadata, "check": _known_preprocessor})
+    return field
+
+
+def _known_preprocessor(name: str) -> None:
+    """Raise :class:`UserError` when ``name`` (non-empty) is not a registered preprocessor or alias."""
+    if name:
+        from condkit.preprocessors.registry import preprocessor_class
+
+        preprocessor_class(name)  # the message lists the known names
+
+
+def _data_config_from(values: dict[str, Any]) -> DataConfig:
+    """A data section from its field values (unpickling; see ``DataConfig.__reduce__``)."""
+    return DataConfig(**values)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -209,7 +289,7 @@ def recipe_values(recipe: Recipe) -> dict[str, Any]:
     values: dict[str, Any] = {name: getattr(recipe, name) for name in ("base", "base_config", "seed", "frozen_adapters")}
     values["adapter.kind"] = recipe.adapter.kind
     values.update({f"adapter.{k}": v for k, v in dataclasses.asdict(recipe.adapter.config).items()})
-    for name in SECTIONS:
+    for name in recipe_sections():
         values.update({f"{name}.{k}": v for k, v in dataclasses.asdict(getattr(recipe, name)).items()})
     return json.loads(json.dumps(values, default=str))
 
@@ -268,7 +348,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     _reject_unknown(raw, TOP_LEVEL_KEYS, source, "")
     if "adapter" not in raw or not isinstance(raw["adapter"], dict) or "kind" not in raw["adapter"]:
         raise UserError(f"{source}: missing key 'adapter.kind' (e.g. adapter: {{kind: lora}})")
-    sections = {name: build_dataclass(cls, raw.get(name) or {}, source, name) for name, cls in SECTIONS.items()}
+    sections = {name: build_dataclass(cls, raw.get(name) or {}, source, name) for name, cls in recipe_sections().items()}
     options = dict(raw["adapter"])
     kind = options.pop("kind")
     from condkit.adapters.registry import get_adapter_class
@@ -378,17 +458,26 @@ def _check_range(value: Any, metadata: Any, source: str, key: str) -> None:
         raise UserError(f"{source}: {key} = {value!r} is out of range [{allowed_range[0]}, {allowed_range[1]}]")
     if choices is not None and value not in choices:
         raise UserError(f"{source}: {key} = {value!r} is not one of: {', '.join(choices)}")
+    check = metadata.get("check") if metadata else None
+    if check is not None:  # what a range or choices cannot say, e.g. a preprocessor name (aliases included)
+        try:
+            check(value)
+        except UserError as exc:
+            raise UserError(f"{source}: {key}: {exc}") from None
 
 
 def describe_schema() -> str:
-    """Markdown table of every recipe key with its default and help (for the README and --help)."""
+    """Markdown table of every recipe key with its default and help (for the README and --help),
+    the registered kinds' ``data`` keys and kind names included."""
+    from condkit.adapters.registry import list_kinds
+
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     lines += ["| `base` | `embedded` | `embedded`, a diffusers folder, or a `.safetensors`/`.ckpt` file |"]
     lines += ["| `base_config` | | local diffusers folder with configs + tokenizer, for a single-file base |"]
     lines += ["| `seed` | `0` | seed for data order, noise and initialisation |"]
     lines += ["| `frozen_adapters` | `[]` | adapter files attached frozen during training (composition) |"]
-    lines += ["| `adapter.kind` | | `lora`, `controlnet`, `ip_adapter`, `full_unet`; other `adapter.*` keys are the kind's options |"]
-    for name, cls in SECTIONS.items():
+    lines += [f"| `adapter.kind` | | {', '.join(f'`{kind}`' for kind in list_kinds())}; other `adapter.*` keys are the kind's options |"]
+    for name, cls in recipe_sections().items():
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             extra = ""

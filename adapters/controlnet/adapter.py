@@ -71,7 +71,7 @@ class ControlNetAdapter(Adapter):
         ),
     )
     pipeline_component = "controlnet"
-    pipeline_purpose = "controlnet"
+    pipeline_variant = "ControlNet"  # StableDiffusionControlNetPipeline, StableDiffusionXLControlNetImg2ImgPipeline, ...
 
     def __init__(self, config: ControlNetConfig, name: str = "default", controlnet: ControlNetModel | None = None) -> None:
         super().__init__(config, name)

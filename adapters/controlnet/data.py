@@ -55,6 +55,7 @@ CONDITION_INPUT = SampleInput(
     columns=CONDITION_COLUMNS,
     folder=CONDITIONS_FOLDER,
     preprocessor_key="condition_preprocessor",
+    preprocessor_help="compute condition maps from the images with this preprocessor (ControlNet, T2I-Adapter)",
     aligned=True,
 )
 

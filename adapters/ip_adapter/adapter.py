@@ -82,6 +82,7 @@ class IPAdapter(Adapter):
             label="reference image",
             columns=("reference_file_name", "reference"),
             folder_key="reference",
+            folder_help="folder of reference images matched by file stem (IP-Adapter); default: the image itself",
             aligned=False,
             default_to_image=True,
         ),

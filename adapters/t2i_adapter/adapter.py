@@ -114,7 +114,7 @@ class T2IAdapterKind(Adapter):
         ),
     )
     pipeline_component = "adapter"
-    pipeline_purpose = "t2i_adapter"
+    pipeline_variant = "Adapter"  # StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
 
     def __init__(self, config: T2IAdapterConfig, name: str = "default", model: T2IAdapter | None = None) -> None:
         super().__init__(config, name)

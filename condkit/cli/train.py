@@ -74,7 +74,7 @@ def keys_text(kind: str) -> str:
     """
     from condkit.adapters.base import config_key_rows
     from condkit.adapters.registry import get_adapter_class, list_kinds
-    from condkit.train.config import SECTIONS
+    from condkit.train.config import recipe_sections
 
     if kind:
         rows = [("adapter.kind", f'"{kind}"', "", "this kind")] + config_key_rows(get_adapter_class(kind).config_class, "adapter")
@@ -86,7 +86,7 @@ def keys_text(kind: str) -> str:
             ("frozen_adapters", "[]", "", "adapter files attached frozen during training (composition)"),
             ("adapter.kind", "", " / ".join(list_kinds()), "the adapter to train; condkit train --keys KIND lists its keys"),
         ]
-        for name, section in SECTIONS.items():
+        for name, section in recipe_sections().items():  # data: with the registered kinds' keys
             rows += config_key_rows(section, name)
     header = ("key", "default", "range", "help")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]

@@ -31,6 +31,10 @@ FAMILIES: tuple[str, ...] = ("condkit.families.sd:StableDiffusionFamily", "condk
 KEY_SEPARATOR = "."
 HIDDEN_STATES_KEY = "encoder_hidden_states"
 UNET_KWARGS_KEY = "unet_kwargs"
+# diffusers names its pipelines PREFIX + VARIANT + TASK + "Pipeline" (e.g. StableDiffusionXL
+# + "" + Img2Img + Pipeline): a family names its prefix, an adapter kind that needs its own
+# pipeline names its variant (Adapter.pipeline_variant), and each purpose is a task infix.
+PIPELINE_TASKS: Mapping[str, str] = {"text2image": "", "image2image": "Img2Img", "inpaint": "Inpaint"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +138,14 @@ class ModelFamily(ABC):
         kohya_prefixes: component name -> prefix of its keys in kohya LoRA files
             (``{"unet": "lora_unet_", "text_encoder": "lora_te_"}`` for SD).
         kohya_base_model_version: ``ss_base_model_version`` written to kohya files.
-        pipeline_class_names: the diffusers pipeline classes whose folders (``model_index.json``
-            ``_class_name``) hold a base of this family.
+        pipeline_prefix: the start of its diffusers pipeline class names
+            (``StableDiffusion``; see :data:`PIPELINE_TASKS`).
     """
 
     name: ClassVar[str]
     kohya_prefixes: ClassVar[Mapping[str, str]]
     kohya_base_model_version: ClassVar[str]
-    pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+    pipeline_prefix: ClassVar[str]
 
     @classmethod
     @abstractmethod
@@ -185,17 +189,52 @@ class ModelFamily(ABC):
             trainable parameters (text-encoder LoRA).
         """
 
-    @abstractmethod
-    def pipeline_class(self, purpose: str) -> type:
-        """The diffusers pipeline class for ``purpose``.
+    @classmethod
+    def pipeline_class_name(cls, purpose: str, variant: str = "") -> str:
+        """The name of the diffusers pipeline class for ``purpose`` (see :data:`PIPELINE_TASKS`).
 
         Args:
-            purpose: ``text2image``, ``image2image``, ``inpaint``, or those with a
-                ControlNet: ``controlnet``, ``controlnet_image2image``, ``controlnet_inpaint``.
+            purpose: ``text2image``, ``image2image`` or ``inpaint``.
+            variant: the pipeline variant an adapter kind needs (its
+                :attr:`~condkit.adapters.base.Adapter.pipeline_variant`); '' = the plain pipeline.
 
         Raises:
-            UserError: the family has no pipeline for that purpose.
+            UserError: an unknown purpose (the known ones named).
         """
+        if purpose not in PIPELINE_TASKS:
+            raise UserError(f"model family {cls.name!r}: no pipeline for {purpose!r} (known: {', '.join(PIPELINE_TASKS)})")
+        return f"{cls.pipeline_prefix}{variant}{PIPELINE_TASKS[purpose]}Pipeline"
+
+    def pipeline_class(self, purpose: str, variant: str = "") -> type:
+        """The diffusers pipeline class for ``purpose``, plain or of an adapter kind's variant.
+
+        Args:
+            purpose: ``text2image``, ``image2image`` or ``inpaint``.
+            variant: see :meth:`pipeline_class_name`.
+
+        Raises:
+            UserError: an unknown purpose, or diffusers has no such pipeline (named).
+        """
+        import diffusers
+
+        name = self.pipeline_class_name(purpose, variant)
+        found = getattr(diffusers, name, None)
+        if not isinstance(found, type):
+            raise UserError(f"model family {self.name!r}: diffusers {diffusers.__version__} has no {name} (purpose {purpose!r}, variant {variant!r})")
+        return found
+
+    @classmethod
+    def holds_pipeline(cls, class_name: str) -> bool:
+        """Whether a folder whose ``model_index.json`` names ``class_name`` holds a base of this
+        family: one of its pipelines, plain or of a registered kind's variant.
+
+        Args:
+            class_name: ``_class_name`` of a ``model_index.json``.
+        """
+        from condkit.adapters.registry import loadable_adapter_classes
+
+        variants = {""} | {kind_class.pipeline_variant for kind_class in loadable_adapter_classes()}
+        return class_name in {cls.pipeline_class_name(purpose, variant) for purpose in PIPELINE_TASKS for variant in variants}
 
 
 def family_names() -> list[str]:
@@ -263,7 +302,7 @@ def family_of_folder(folder, unet_config: Mapping[str, Any] | None = None) -> Mo
         raise UserError(f"{folder}: no readable unet/config.json or model_index.json to tell the model family") from None
     for entry in FAMILIES:
         family = _load(entry)
-        if class_name in family.pipeline_class_names:
+        if isinstance(class_name, str) and family.holds_pipeline(class_name):
             return family()
     raise UserError(f"{index_file}: _class_name {class_name!r} is not a pipeline of a model family condkit knows ({', '.join(family_names())})")
 

@@ -6,21 +6,10 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from condkit.errors import UserError
 from condkit.families import Conditioning, ModelFamily
 
 # kohya LoRA key prefixes of SD 1.x/2.x files, by component (lora_unet_down_blocks_0_..., lora_te_text_model_...).
 KOHYA_PREFIXES: Mapping[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-# diffusers pipeline class names by purpose (see ModelFamily.pipeline_class).
-PIPELINE_CLASSES: Mapping[str, str] = {
-    "text2image": "StableDiffusionPipeline",
-    "image2image": "StableDiffusionImg2ImgPipeline",
-    "inpaint": "StableDiffusionInpaintPipeline",
-    "controlnet": "StableDiffusionControlNetPipeline",
-    "controlnet_image2image": "StableDiffusionControlNetImg2ImgPipeline",
-    "controlnet_inpaint": "StableDiffusionControlNetInpaintPipeline",
-    "t2i_adapter": "StableDiffusionAdapterPipeline",
-}
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -29,7 +18,7 @@ class StableDiffusionFamily(ModelFamily):
     name: ClassVar[str] = "sd"
     kohya_prefixes: ClassVar[Mapping[str, str]] = KOHYA_PREFIXES
     kohya_base_model_version: ClassVar[str] = "sd_v1"
-    pipeline_class_names: ClassVar[tuple[str, ...]] = tuple(PIPELINE_CLASSES.values())
+    pipeline_prefix: ClassVar[str] = "StableDiffusion"  # StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, ...
 
     @classmethod
     def matches_config(cls, unet_config: Mapping[str, Any]) -> bool:
@@ -56,11 +45,3 @@ class StableDiffusionFamily(ModelFamily):
             list(prompts), padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         )
         return Conditioning(base.text_encoder(tokens.input_ids.to(device))[0])  # (b, 77, d)
-
-    def pipeline_class(self, purpose: str) -> type:
-        """diffusers' ``StableDiffusion*Pipeline`` for ``purpose`` (see :data:`PIPELINE_CLASSES`)."""
-        import diffusers
-
-        if purpose not in PIPELINE_CLASSES:
-            raise UserError(f"model family {self.name!r}: no pipeline for {purpose!r} (known: {', '.join(PIPELINE_CLASSES)})")
-        return getattr(diffusers, PIPELINE_CLASSES[purpose])

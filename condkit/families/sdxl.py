@@ -30,16 +30,6 @@ ADDITION_EMBED_TYPE = "text_time"
 KOHYA_PREFIXES: Mapping[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # Tokenizer component of each text encoder (diffusers' StableDiffusionXLPipeline names).
 TOKENIZERS: Mapping[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
-# diffusers pipeline class names by purpose (see ModelFamily.pipeline_class).
-PIPELINE_CLASSES: Mapping[str, str] = {
-    "text2image": "StableDiffusionXLPipeline",
-    "image2image": "StableDiffusionXLImg2ImgPipeline",
-    "inpaint": "StableDiffusionXLInpaintPipeline",
-    "controlnet": "StableDiffusionXLControlNetPipeline",
-    "controlnet_image2image": "StableDiffusionXLControlNetImg2ImgPipeline",
-    "controlnet_inpaint": "StableDiffusionXLControlNetInpaintPipeline",
-    "t2i_adapter": "StableDiffusionXLAdapterPipeline",
-}
 # Where the U-Net's extra arguments live in Conditioning.unet_kwargs.
 ADDED_COND_KWARGS = "added_cond_kwargs"
 TIME_IDS = "time_ids"
@@ -53,7 +43,7 @@ class StableDiffusionXLFamily(ModelFamily):
     name: ClassVar[str] = "sdxl"
     kohya_prefixes: ClassVar[Mapping[str, str]] = KOHYA_PREFIXES
     kohya_base_model_version: ClassVar[str] = "sdxl_base_v1-0"
-    pipeline_class_names: ClassVar[tuple[str, ...]] = tuple(PIPELINE_CLASSES.values())
+    pipeline_prefix: ClassVar[str] = "StableDiffusionXL"  # StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, ...
 
     @classmethod
     def matches_config(cls, unet_config: Mapping[str, Any]) -> bool:
@@ -113,11 +103,3 @@ class StableDiffusionXLFamily(ModelFamily):
         old = added[TIME_IDS]
         added[TIME_IDS] = sizes.to(old.device, old.dtype).reshape(conditioning.batch_size, SIZE_IDS)  # (b, 6)
         return Conditioning(conditioning.encoder_hidden_states, {**conditioning.unet_kwargs, ADDED_COND_KWARGS: added})
-
-    def pipeline_class(self, purpose: str) -> type:
-        """diffusers' ``StableDiffusionXL*Pipeline`` for ``purpose`` (see :data:`PIPELINE_CLASSES`)."""
-        import diffusers
-
-        if purpose not in PIPELINE_CLASSES:
-            raise UserError(f"model family {self.name!r}: no pipeline for {purpose!r} (known: {', '.join(PIPELINE_CLASSES)})")
-        return getattr(diffusers, PIPELINE_CLASSES[purpose])
