@@ -47,7 +47,13 @@ class DataConfig:
     caption: str = _field("", "caption for images without their own")
     caption_dropout: float = _field(0.0, "share of captions replaced by the empty prompt", range=(0.0, 1.0))
     resolution: int = _field(0, "training size in pixels; 0 = the base's native size", range=(0, 4096))
-    crop: str = _field("center", "how to crop to a square after resizing", choices=("center", "random"))
+    crop: str = _field("center", "how to crop to a square (or the aspect-ratio bucket) after resizing", choices=("center", "random"))
+    aspect_buckets: bool = _field(
+        False, "train each image at its own aspect ratio: buckets of about resolution^2 pixels, one bucket per batch (off: square crops)"
+    )
+    bucket_step: int = _field(
+        0, "bucket sides are multiples of this many pixels (a multiple of the VAE factor); 0 = 64, or resolution/8 when smaller", range=(0, 1024)
+    )
     flip: bool = _field(False, "random horizontal flips")
     cache: str = _field("memory", "cache VAE latents and text embeddings when nothing upstream trains", choices=("memory", "disk", "off"))
     repeats: int = _field(1, "how often each image appears per epoch", range=(1, 10000))
