@@ -4,7 +4,8 @@ A checkpoint is a folder ``checkpoints/step-00000100/`` holding the trainable
 parameters (safetensors, by parameter name), the optimizer and LR-scheduler states
 (weights-only torch files; the optimizer's per-parameter state is keyed by the same
 names), and ``state.json`` (step, seed, the recipe's values, the base's fingerprint,
-``samples_seen``). Parameters sharded over processes (FSDP2) are gathered whole, so a
+``samples_seen``), and with ``train.ema_decay`` the EMA weights (``ema.safetensors``,
+by the same names). Parameters sharded over processes (FSDP2) are gathered whole, so a
 checkpoint does not depend on how many processes wrote it. It is written under a
 temporary name and renamed into place, so a crash or a full disk during a save never
 damages the previous checkpoint; only the newest ``keep`` are kept. The data order,
@@ -30,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from condkit.errors import UserError
-from condkit.io import atomic_folder, load_state_dict, write_failure_reason
+from condkit.io import atomic_folder, load_state_dict, read_safetensors_metadata, write_failure_reason
 
 # Trainable parameters: a name -> parameter mapping, or a list (named param.00000, ... by position).
 Parameters = dict[str, torch.nn.Parameter] | list[torch.nn.Parameter]
@@ -41,6 +42,8 @@ STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "lr_scheduler.pt"
+# train.ema_decay: the EMA weights by parameter name, EMAModel's counters in the metadata (see condkit.train.ema).
+EMA_FILE = "ema.safetensors"
 
 POSITIONAL_PREFIX = "param."
 # Marks an optimizer state whose per-parameter entries are keyed by parameter name.
@@ -65,6 +68,7 @@ class Checkpoint:
     trainable: dict[str, torch.Tensor]
     optimizer: dict
     lr_scheduler: dict
+    ema: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None  # (tensors, metadata) of EMA_FILE, if it has one
 
     @property
     def step(self) -> int:
@@ -79,9 +83,10 @@ class Snapshot:
     trainable: dict[str, torch.Tensor]
     optimizer: dict
     lr_scheduler: dict
+    ema: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None  # EMA weights by name and metadata (train.ema_decay)
 
 
-def take_snapshot(params: Parameters, optimizer, lr_scheduler) -> Snapshot:
+def take_snapshot(params: Parameters, optimizer, lr_scheduler, ema: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None) -> Snapshot:
     """Copy the trainable parameters and the optimizer and scheduler states to the CPU, by name.
 
     Sharded parameters (FSDP2 DTensors) and their optimizer states are gathered whole,
@@ -92,6 +97,8 @@ def take_snapshot(params: Parameters, optimizer, lr_scheduler) -> Snapshot:
         params: the trainable parameters by name (a list is named by position).
         optimizer: the (unwrapped) optimizer.
         lr_scheduler: the LR scheduler.
+        ema: the EMA weights (full CPU tensors by parameter name) and their metadata, when
+            ``train.ema_decay`` is on (see :func:`condkit.train.ema.snapshot`).
     """
     named = _named(params)
     tensors = {name: full_tensor(p.detach()).to("cpu").contiguous() for name, p in named.items()}
@@ -100,7 +107,7 @@ def take_snapshot(params: Parameters, optimizer, lr_scheduler) -> Snapshot:
         name: {key: full_tensor(value).to("cpu") if torch.is_tensor(value) else value for key, value in entry.items()}
         for name, entry in optimizer_state["state"].items()
     }
-    return Snapshot(tensors, optimizer_state, lr_scheduler.state_dict())
+    return Snapshot(tensors, optimizer_state, lr_scheduler.state_dict(), ema)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -157,6 +164,8 @@ def write_checkpoint(output_dir: Path, step: int, snapshot: Snapshot, state: dic
         SCHEDULER_FILE: lambda path: _torch_save(snapshot.lr_scheduler, path),
         STATE_FILE: lambda path: path.write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n"),
     }
+    if snapshot.ema is not None:
+        writers[EMA_FILE] = lambda path: save_file(snapshot.ema[0], str(path), metadata=snapshot.ema[1])
     try:
         with atomic_folder(final) as tmp:
             for name, write in writers.items():
@@ -264,7 +273,10 @@ def _read_checkpoint_files(path: Path) -> Checkpoint:
             raise UserError(f"{file}: damaged ({first_sentence})") from None
         if not isinstance(pickled[name], dict):
             raise UserError(f"{file}: damaged (not a state dict)")
-    return Checkpoint(path, state, trainable, pickled[OPTIMIZER_FILE], pickled[SCHEDULER_FILE])
+    ema = None
+    if (path / EMA_FILE).exists():
+        ema = (load_state_dict(path / EMA_FILE), read_safetensors_metadata(path / EMA_FILE))
+    return Checkpoint(path, state, trainable, pickled[OPTIMIZER_FILE], pickled[SCHEDULER_FILE], ema)
 
 
 def _newest_readable_checkpoint(root: Path, before: Path) -> Path | None:
@@ -348,7 +360,7 @@ def restore_checkpoint(checkpoint: Checkpoint, params: Parameters, optimizer, lr
             raise UserError(f"{file}: {name!r} has shape {tuple(saved[name].shape)}, the adapter expects {tuple(param.shape)}")
     with torch.no_grad():
         for name, param in named.items():
-            param.copy_(_laid_out_like(saved[name], param))
+            param.copy_(laid_out_like(saved[name], param))
     try:
         by_index = _optimizer_state_by_index(checkpoint.optimizer, optimizer, named, file.with_name(OPTIMIZER_FILE))
         optimizer.load_state_dict(_optimizer_state_laid_out(by_index, optimizer))
@@ -357,7 +369,7 @@ def restore_checkpoint(checkpoint: Checkpoint, params: Parameters, optimizer, lr
         raise UserError(f"{path}: optimizer or scheduler state does not fit this run ({exc})") from None
 
 
-def _laid_out_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def laid_out_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A saved full tensor laid out as ``param``: this process's shard of it when ``param`` is a DTensor.
 
     Every process holds the whole checkpoint, so each takes its own shard without
@@ -374,7 +386,7 @@ def _optimizer_state_laid_out(state: dict, optimizer) -> dict:
     """An index-keyed optimizer state whose per-parameter tensors are laid out as the parameters are."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     laid_out = {
-        index: {key: _laid_out_like(value, params[index]) if torch.is_tensor(value) and index < len(params) else value
+        index: {key: laid_out_like(value, params[index]) if torch.is_tensor(value) and index < len(params) else value
                 for key, value in entry.items()}
         for index, entry in state["state"].items()
     }

@@ -99,6 +99,14 @@ class TrainConfig:
     lr_warmup_steps: int = _field(0, "warm-up steps of the schedule", range=(0, 10_000_000))
     snr_gamma: float = _field(0.0, "min-SNR loss weighting gamma (5.0 is typical); 0 = off", range=(0.0, 100.0))
     noise_offset: float = _field(0.0, "noise offset (0.05-0.1 helps very dark/bright images); 0 = off", range=(0.0, 1.0))
+    ema_decay: float = _field(
+        0.0, "keep an fp32 EMA of the trained weights with this decay (e.g. 0.999; diffusers' EMAModel) and export it as the result, the raw weights in raw/; 0 = off",
+        range=(0.0, 0.999999),
+    )
+    ema_power: float = _field(
+        0.0, "EMA warm-up (diffusers' use_ema_warmup): update k uses decay 1-k^-ema_power (3/4 suits runs under ~100k steps), capped at ema_decay; 0 = diffusers' default k/(9+k); update 1 copies the weights",
+        range=(0.0, 10.0),
+    )
     checkpoint_every: int = _field(0, "save a resumable checkpoint every N steps; 0 = off", range=(0, 10_000_000))
     keep_checkpoints: int = _field(2, "how many recent checkpoints to keep", range=(1, 1000))
     on_nonfinite_loss: str = _field("stop", "what a NaN/inf loss does: stop the run, or skip the step", choices=("stop", "skip"))

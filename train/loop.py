@@ -48,6 +48,7 @@ from condkit.io import remove_stale_temporaries, write_json_atomic
 from condkit.train import buckets
 from condkit.train import checkpoint as ckpt
 from condkit.train import distributed
+from condkit.train import ema as ema_lib
 from condkit.train.cache import EncodedSet, load_or_encode
 from condkit.train.config import check_validation_files, recipe_values
 from condkit.train.data import SIZES, TrainingSet, collate, find_records
@@ -93,6 +94,7 @@ class TrainState:
         loss: the mean loss of the latest step's micro-batches (NaN if it was skipped).
         skipped: steps skipped for a non-finite loss (``train.on_nonfinite_loss: skip``).
         started: ``time.perf_counter()`` at the first step.
+        ema: the fp32 moving average of ``params`` (``train.ema_decay``; diffusers' ``EMAModel``), or None.
     """
 
     recipe: Any
@@ -124,6 +126,7 @@ class TrainState:
     started: float = 0.0
     window_losses: list[float] = dataclasses.field(default_factory=list)  # since the last log line
     window_start: float = 0.0
+    ema: Any = None
 
     @property
     def parameter_list(self) -> list[torch.nn.Parameter]:
@@ -281,6 +284,7 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
         encoder.train()
     distributed.shard(engine, adapter.trainable_modules(), list(params.values()))
     params = _named_trainable_parameters(adapter, base, family)  # sharding made new parameter objects
+    ema = ema_lib.create(cfg, engine, params, checkpoint)  # train.ema_decay; restored from the checkpoint now, before any work
 
     # ---- data: records -> tensors; encoded once when nothing upstream trains ----
     size = data_cfg.resolution or base.resolution
@@ -325,6 +329,7 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
         noise_scheduler=base.noise_scheduler(), dataset=dataset, cache=cache, class_set=class_set, class_cache=class_cache,
         empty=empty, weight_dtype=weight_dtype, trains_text_encoder=trains_text_encoder, checkpoint_state=checkpoint_state,
         start_step=start_step, start_sample=start_sample, step=start_step,
+        ema=ema,
     )
 
 
@@ -413,6 +418,7 @@ def _train_step(state: TrainState, step: int) -> None:
     if cfg.max_grad_norm and state.engine != distributed.DEEPSPEED:
         accelerator.clip_grad_norm_(state.parameter_list, cfg.max_grad_norm)
     state.optimizer.step()
+    ema_lib.update(state.ema, state.parameter_list, state.optimizer)
     state.lr_scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.loss = sum(losses) / len(losses)
@@ -501,7 +507,7 @@ def _snapshot(state: TrainState) -> ckpt.Snapshot | None:
     process when parameters are sharded (gathering them is a collective); else None."""
     if not (state.accelerator.is_main_process or distributed.is_sharded(state.parameter_list)):
         return None
-    return ckpt.take_snapshot(state.params, state.torch_optimizer, state.lr_scheduler)
+    return ckpt.take_snapshot(state.params, state.torch_optimizer, state.lr_scheduler, ema_lib.snapshot(state.ema, state.params))
 
 
 def _checkpoint_state(state: TrainState, step: int) -> dict:
@@ -529,13 +535,8 @@ def _finish(state: TrainState) -> None:
         module.eval()
     sharded = distributed.is_sharded(state.parameter_list)
     snapshot = _snapshot(state) if sharded else None  # gathered now: a failed export below is on the main process only
-    saved: list | UserError = []
-    with distributed.full_state_dicts(modules):  # sharded weights are gathered on every process first
-        if accelerator.is_main_process:
-            try:
-                saved = state.adapter.save(output_dir)
-            except UserError as exc:  # e.g. a full disk: keep the trained weights recoverable
-                saved = exc
+    # With train.ema_decay the EMA weights are the result and the raw ones go to raw/.
+    saved = ema_lib.export(state.ema, state.parameter_list, output_dir, functools.partial(_save_adapter, state))
     if isinstance(saved, UserError):
         snapshot = snapshot or _snapshot(state)
         note = _save_last_checkpoint(output_dir, cfg, snapshot, _checkpoint_state(state, cfg.max_steps))
@@ -564,6 +565,21 @@ def _finish(state: TrainState) -> None:
             _validate(state, cfg.max_steps)
         except UserError as exc:
             raise UserError(f"{exc}; the adapter itself is saved in {output_dir}") from None
+
+
+def _save_adapter(state: TrainState, folder: Path) -> list | UserError:
+    """Write the adapter into ``folder`` (main process); a failed write is returned, not raised.
+
+    Every process calls it: sharded weights are gathered on every process first.
+    """
+    saved: list | UserError = []
+    with distributed.full_state_dicts(state.adapter.trainable_modules()):
+        if state.accelerator.is_main_process:
+            try:
+                saved = state.adapter.save(folder)
+            except UserError as exc:  # e.g. a full disk: keep the trained weights recoverable
+                saved = exc
+    return saved
 
 
 def _save_last_checkpoint(output_dir: Path, cfg, snapshot: ckpt.Snapshot, state: dict) -> str:
@@ -604,7 +620,7 @@ def _parameter_digest(params: list[torch.nn.Parameter]) -> str:
 LOCK_FILE = ".condkit-train.lock"
 # Where a run writes besides the output folder itself: stale temporaries are looked for only
 # here, never in folders of the user's that --output may point at.
-RUN_SUBFOLDERS = (ckpt.CHECKPOINT_DIR, "validation", "cache", "class_images")
+RUN_SUBFOLDERS = (ckpt.CHECKPOINT_DIR, "validation", "cache", "class_images", ema_lib.RAW_FOLDER)
 
 
 def _check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
@@ -807,7 +823,8 @@ def _validate(state: TrainState, step: int) -> None:
     """Validation grid and metrics of the trained adapter at ``step`` (written by the main process)."""
     from condkit.train.validation import grid_array, make_grid, save_grid
 
-    rows, metrics = state.adapter.validate(state.base, state.recipe.validation, step)
+    with ema_lib.weights_in(state.ema, state.parameter_list):  # samples show the EMA weights; the raw ones come back exactly
+        rows, metrics = state.adapter.validate(state.base, state.recipe.validation, step)
     if not state.accelerator.is_main_process:  # it took part in sharded forwards only
         return
     if rows:
