@@ -44,9 +44,10 @@ embeddings come from the cache). The one candidate: building the loop's AdamW wi
 `fused=True`. Measured with the optimizer alone (median of 10): LoRA's 112 tensors
 37 -> 1 ms per step, ControlNet's 168 tensors 61 -> 19 ms; in the loop (10 interleaved
 steps, batch 8): LoRA condkit / floor 1.02x -> 0.97x, condkit / reference 0.79x -> 0.78x.
-It was tried and reverted: with it, test_reliability's kill -9 resume test fails
-(the resumed LoRA differs from the uninterrupted one; passes with the default AdamW), so
-it needs that fixed before it can go in. The loop keeps torch's default AdamW. The floor uses the loop's own optimizer.
+It was tried and reverted then (test_reliability's kill -9 resume test failed; that
+commit's own test passes on torch 2.13, see "Fused vs unfused AdamW"). Since issue 17 the
+loop's `adamw` is fused where the device has the kernel, and the kill -9 test passes with
+it. The floor uses the loop's own optimizer.
 
 Fused LoRA inference: the profile of a fused pipeline showed peft's wrapper call on every
 wrapped layer (the merged layer computes `base_layer(x)` and nothing else). `LoraAdapter.fuse`

@@ -179,9 +179,10 @@ class StandardSteps:
 def make_loop_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The optimizer :func:`condkit.train.loop.train` builds for these parameters."""
     from condkit.train.config import TrainConfig
-    from condkit.train.loop import _make_optimizer
+    from condkit.train.optim import build_optimizer
 
-    return _make_optimizer(TrainConfig(), [{"params": params, "lr": 1e-4}])
+    cfg = TrainConfig()
+    return build_optimizer(cfg.optimizer, [{"params": params, "lr": 1e-4}], cfg.learning_rate, cfg.weight_decay)
 
 
 def measure_kind(recipe, warmup: int, prebuilt_base=None) -> dict[str, list[float]]:

@@ -23,6 +23,7 @@ import yaml
 
 from condkit.adapters.base import DataKey, config_field as _field  # one way to declare a key, for recipes and adapter kinds
 from condkit.errors import UserError, report_user_errors
+from condkit.train.optim import OPTIMIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class DataConfig:
     path: str = _field("", "image folder (captions from NAME.txt or metadata.jsonl), or 'shapes' for the built-in shapes world")
     caption: str = _field("", "caption for images without their own")
     caption_dropout: float = _field(0.0, "share of captions replaced by the empty prompt", range=(0.0, 1.0))
+    shuffle_captions: bool = _field(False, "shuffle the comma-separated tags of each caption every time it is drawn (after the first keep_tokens)")
+    keep_tokens: int = _field(0, "how many leading comma-separated tags (e.g. the trigger word) never move and are never dropped", range=(0, 1000))
+    tag_dropout: float = _field(0.0, "probability of leaving out each tag after the first keep_tokens, every time a caption is drawn", range=(0.0, 1.0))
     resolution: int = _field(0, "training size in pixels; 0 = the base's native size", range=(0, 4096))
     crop: str = _field("center", "how to crop to a square (or the aspect-ratio bucket) after resizing", choices=("center", "random"))
     aspect_buckets: bool = _field(
@@ -88,8 +92,16 @@ class TrainConfig:
     gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step", range=(1, 4096))
     mixed_precision: str = _field("no", "autocast dtype for the frozen base; adapters stay fp32", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass to save memory")
-    optimizer: str = _field("adamw", "adamw, or adamw8bit (needs bitsandbytes)", choices=("adamw", "adamw8bit"))
-    weight_decay: float = _field(1e-2, "AdamW weight decay", range=(0.0, 1.0))
+    optimizer: str = _field(
+        "adamw",
+        "adamw (fused kernel where the device has one), adamw8bit (condkit[bnb]), prodigy (learning-rate-free, condkit[prodigy]; "
+        "use learning_rate 1.0, a multiplier on its estimate) or adafactor (transformers', at the fixed learning_rate)",
+        choices=OPTIMIZERS,
+    )
+    weight_decay: float = _field(1e-2, "decoupled (AdamW-style) weight decay of every optimizer", range=(0.0, 1.0))
+    lora_plus_ratio: float = _field(
+        0.0, "LoRA+: the LoRA B (up) matrices learn at this many times their group's rate (16 is typical; LoRA only); 0 = off", range=(0.0, 1000.0)
+    )
     max_grad_norm: float = _field(1.0, "gradient clipping norm; 0 = off", range=(0.0, 1e6))
     lr_scheduler: str = _field(
         "constant",
@@ -99,6 +111,7 @@ class TrainConfig:
     lr_warmup_steps: int = _field(0, "warm-up steps of the schedule", range=(0, 10_000_000))
     snr_gamma: float = _field(0.0, "min-SNR loss weighting gamma (5.0 is typical); 0 = off", range=(0.0, 100.0))
     noise_offset: float = _field(0.0, "noise offset (0.05-0.1 helps very dark/bright images); 0 = off", range=(0.0, 1.0))
+    masked_loss: bool = _field(False, "weight the loss per pixel by NAME.mask.png beside each image, else its alpha channel (white/opaque = learn); averaged over the masked area")
     ema_decay: float = _field(
         0.0, "keep an fp32 EMA of the trained weights with this decay (e.g. 0.999; diffusers' EMAModel) and export it as the result, the raw weights in raw/; 0 = off",
         range=(0.0, 0.999999),

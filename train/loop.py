@@ -39,20 +39,22 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from condkit.adapters import adapter_unet_kwargs, merge_unet_kwargs
 from condkit.errors import UserError
 from condkit.families import Conditioning, ModelFamily
 from condkit.io import remove_stale_temporaries, write_json_atomic
 from condkit.train import buckets
+from condkit.train import captions as captions_lib
 from condkit.train import checkpoint as ckpt
 from condkit.train import distributed
 from condkit.train import ema as ema_lib
+from condkit.train import masks as masks_lib
 from condkit.train.cache import EncodedSet, load_or_encode
 from condkit.train.config import check_validation_files, recipe_values
 from condkit.train.data import SIZES, TrainingSet, collate, find_records
 from condkit.train.encode import latent_distribution, sample_latents
+from condkit.train.optim import make_optimizer
 from condkit.train.prior import prior_records
 
 
@@ -260,6 +262,7 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
     frozen_adapters = [load_adapter(path, base) for path in recipe.frozen_adapters]
     adapter_cls = get_adapter_class(recipe.adapter.kind)
     records = find_records(data_cfg, adapter_cls, recipe.seed)
+    records = masks_lib.attach_masks(records, cfg.masked_loss, accelerator.print)  # train.masked_loss: each image's mask
     targets = None  # each record's aspect-ratio bucket; assigned before prior images are generated, so a bad key stops first
     if data_cfg.aspect_buckets:
         targets = buckets.assign_buckets(records, data_cfg, data_cfg.resolution or base.resolution, base.vae_scale_factor, accelerator.print)
@@ -284,26 +287,29 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
         encoder.train()
     distributed.shard(engine, adapter.trainable_modules(), list(params.values()))
     params = _named_trainable_parameters(adapter, base, family)  # sharding made new parameter objects
+    # text-encoder rates, LoRA+, train.optimizer; built before the data, so a setting it refuses stops before any encoding
+    optimizer = make_optimizer(recipe, adapter, params)
     ema = ema_lib.create(cfg, engine, params, checkpoint)  # train.ema_decay; restored from the checkpoint now, before any work
 
     # ---- data: records -> tensors; encoded once when nothing upstream trains ----
     size = data_cfg.resolution or base.resolution
     if size % base.vae_scale_factor:
         raise UserError(f"data.resolution = {size} must be a multiple of the VAE factor {base.vae_scale_factor}")
-    dataset = TrainingSet(records, size, data_cfg.crop, data_cfg.flip, recipe.seed, targets=targets)
+    dataset = TrainingSet(records, size, data_cfg.crop, data_cfg.flip, recipe.seed, targets=targets, inputs=masks_lib.training_inputs(cfg.masked_loss))
     class_set = TrainingSet(class_records, size, "center", data_cfg.flip, recipe.seed + 1) if class_records else None
     dataset.check_all()  # a corrupt image fails now, before any work
     cache = class_cache = None
+    # Captions that vary per step (data.shuffle_captions, data.tag_dropout) are encoded each step; latents stay cached.
+    text_cached = not trains_text_encoder and not captions_lib.vary_per_step([r.caption for r in records], data_cfg)
+    captions_lib.log_setup([r.caption for r in records], data_cfg, data_cfg.cache != "off" and data_cfg.crop == "center", trains_text_encoder, accelerator.print)
     if data_cfg.cache != "off" and data_cfg.crop == "center":
         is_main = accelerator.is_main_process
-        cache = _load_or_encode(dataset, base, all_adapters, output_dir, data_cfg, not trains_text_encoder, "data", is_main)
+        cache = _load_or_encode(dataset, base, all_adapters, output_dir, data_cfg, text_cached, "data", is_main)
         if class_set is not None:
             class_cache = _load_or_encode(class_set, base, all_adapters, output_dir, data_cfg, not trains_text_encoder, "prior", is_main)
     empty = family.encode_prompts(base, [""]).map(lambda t: t.detach().float())  # batch 1, for caption dropout
 
-    # ---- optimizer and schedule ----
-    param_groups = adapter.parameter_groups(cfg.learning_rate, cfg.text_encoder_rates())
-    optimizer = _make_optimizer(cfg, param_groups)
+    # ---- schedule (the optimizer is built above) ----
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
     )
@@ -444,6 +450,7 @@ def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
     latents = batch["latents"].to(device, state.weight_dtype)  # (b, 4, h/f, w/f)
     conditioning = batch["conditioning"].to(device)  # the family's: SD (b, 77, d) hidden states
     extras = {k: v.to(device) for k, v in batch["extras"].items()}
+    mask = extras.pop(masks_lib.LOSS_MASK, None)  # train.masked_loss: (b, 1, h/f, w/f) in [0, 1], else None
 
     # Forward diffusion: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a timestep the adapter picks
     # (uniform by default; e.g. cubic, mostly high noise, for structure adapters).
@@ -468,7 +475,7 @@ def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
         parts = [(a, adapter_unet_kwargs(a, noisy_latents, timesteps, conditioning, extras)) for a in state.adapters]
         unet_kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), *parts])
         prediction = state.model(noisy_latents, timesteps, hidden, **unet_kwargs).sample
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))  # (b,)
+    loss = masks_lib.per_sample_loss(prediction, target, mask)  # (b,) MSE: the mean, or over the masked area
     weights = adapter.loss_weights(timesteps, noise_scheduler, cfg.snr_gamma)  # (b,) min-SNR by default, or None
     if weights is not None:
         loss = loss * weights
@@ -773,14 +780,17 @@ def _get_batch(state: TrainState, dataset: TrainingSet, cache: EncodedSet | None
             indices.append(_epoch_order(n, epoch, dataset.seed)[position % n])
             epochs.append(epoch)
     flips = [dataset.flip and random.Random(hash((dataset.seed, e, i))).random() < 0.5 for i, e in zip(indices, epochs)]
-    base, family = state.base, state.family
+    base, family, masked = state.base, state.family, state.recipe.train.masked_loss
+    # data.shuffle_captions / tag_dropout: the training images' captions vary with (seed, position); class prompts do not
+    caption_seeds = [_mix(dataset.seed, p, 5) for p in positions] if dataset is state.dataset else None
     if cache is not None:
         cached = cache.batch(indices, flips)
         latents = sample_latents(cached["latent_mean"], cached["latent_std"], generator)
         conditioning = cached.get("conditioning")
-        if conditioning is None:  # a text encoder trains: encode with gradients
-            conditioning = family.encode_prompts(base, cached["caption"])
-        return {"latents": latents, "conditioning": conditioning, "extras": cached["extras"], "sizes": cached["sizes"]}
+        if conditioning is None:  # a text encoder trains (with gradients), or captions vary per step
+            with torch.set_grad_enabled(state.trains_text_encoder):
+                conditioning = family.encode_prompts(base, captions_lib.vary_captions(cached["caption"], caption_seeds, state.recipe.data))
+        return {"latents": latents, "conditioning": conditioning, "extras": masks_lib.with_loss_mask(cached["extras"], latents, masked), "sizes": cached["sizes"]}
     batch = collate([dataset.item(i, flip=f, rng=random.Random(hash((dataset.seed, e, i)))) for i, e, f in zip(indices, epochs, flips)])
     with torch.no_grad():
         mean, std = latent_distribution(base, batch["pixel_values"])
@@ -789,8 +799,8 @@ def _get_batch(state: TrainState, dataset: TrainingSet, cache: EncodedSet | None
             extras.update(adapter.encode_extras(batch, base))
     latents = sample_latents(mean.float(), std.float(), generator)
     with torch.set_grad_enabled(state.trains_text_encoder):
-        conditioning = family.encode_prompts(base, batch["caption"])
-    return {"latents": latents, "conditioning": conditioning, "extras": extras, "sizes": batch[SIZES]}
+        conditioning = family.encode_prompts(base, captions_lib.vary_captions(batch["caption"], caption_seeds, state.recipe.data))
+    return {"latents": latents, "conditioning": conditioning, "extras": masks_lib.with_loss_mask(extras, latents, masked, batch), "sizes": batch[SIZES]}
 
 
 def _concat(a, b):
@@ -807,16 +817,6 @@ def _load_or_encode(dataset, base, adapters, output_dir: Path, data_cfg, with_te
     path = output_dir / "cache" / f"{name}.safetensors"
     # keyed by what it encodes: a cache from other images, captions, base or settings is rebuilt
     return load_or_encode(dataset, base, adapters, path, with_text=with_text, flip=data_cfg.flip, disk=data_cfg.cache == "disk", write=is_main)
-
-
-def _make_optimizer(cfg, param_groups: list[dict]):
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("train.optimizer = 'adamw8bit' needs bitsandbytes (pip install 'condkit[bnb]')") from None
-        return bnb.optim.AdamW8bit(param_groups, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
 
 
 def _validate(state: TrainState, step: int) -> None:
