@@ -106,6 +106,30 @@ def test_adamw_is_fused_where_the_device_has_the_kernel_and_makes_the_same_updat
     unfused.step()
 
 
+def test_a_checkpoint_of_an_unfused_run_resumes_unfused_and_exactly(tmp_path):
+    """Checkpoints from before the loop's AdamW was fused continue as they were written."""
+    def run(optimizer, weight, loss_of, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss_of().backward()
+            optimizer.step()
+
+    weight, loss_of = _regression()
+    old = torch.optim.AdamW([weight], lr=1e-2, weight_decay=0.01)  # what the loop built before
+    scheduler = torch.optim.lr_scheduler.LambdaLR(old, lambda s: 1.0)
+    run(old, weight, loss_of, 3)
+    folder = ckpt.save_checkpoint(tmp_path, 3, {"w": weight}, old, scheduler, {}, keep=1)
+    run(old, weight, loss_of, 3)
+
+    resumed_weight, resumed_loss = _regression()
+    now = build_optimizer("adamw", [{"params": [resumed_weight], "lr": 1e-2}], 1e-2, 0.01)
+    assert now.param_groups[0]["fused"]
+    ckpt.restore_checkpoint(ckpt.read_checkpoint(folder), {"w": resumed_weight}, now, torch.optim.lr_scheduler.LambdaLR(now, lambda s: 1.0))
+    assert not now.param_groups[0]["fused"]  # the saved group's flags win
+    run(now, resumed_weight, resumed_loss, 3)
+    assert torch.equal(resumed_weight, weight)
+
+
 # ---- prodigy --------------------------------------------------------------------------
 def test_prodigy_grows_its_step_size_from_d0_and_learns():
     weight, loss_of = _regression()
