@@ -140,6 +140,7 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
         progress: optional callable(done, total) for a progress display.
     """
     from condkit.train.data import SIZES, collate
+    from condkit.train.masks import cacheable_mask
 
     variants = (False, True) if flip else (False,)
     n, done = len(dataset), 0
@@ -151,6 +152,7 @@ def encode_dataset(dataset, base, adapters, *, with_text: bool, flip: bool, batc
             values = {"latent_mean": mean.float().cpu(), "latent_std": std.float().cpu(), "sizes": batch[SIZES]}
             for adapter in adapters:
                 values.update({f"extras.{name}": value.float().cpu() for name, value in adapter.encode_extras(batch, base).items()})
+            values.update({f"extras.{name}": value.cpu() for name, value in cacheable_mask(batch, mean).items()})  # train.masked_loss
             for name, value in values.items():
                 slots = rows.setdefault(name, [[None] * n for _ in variants])[number]
                 for index, row in zip(chunk, value):

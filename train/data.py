@@ -152,15 +152,19 @@ def _shapes_records(data, seed: int, inputs: tuple[SampleInput, ...]) -> list[Re
 
 
 def list_images(root: Path) -> list[Path]:
-    """Every image file below ``root``, sorted, skipping hidden files and folders.
+    """Every image file below ``root``, sorted, skipping hidden files and folders and loss
+    masks (``NAME.mask.png``: :mod:`condkit.train.masks`).
 
     Args:
         root: the folder to search recursively.
     """
+    from condkit.train.masks import is_mask_file
+
     return sorted(
         p
         for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and not is_mask_file(p)
     )
 
 
@@ -328,6 +332,8 @@ def load_rgb(source: Any) -> np.ndarray:
     """
     if isinstance(source, np.ndarray):
         return source
+    if hasattr(source, "load_rgb"):  # a source that reads itself (a loss mask: condkit.train.masks.MaskSource)
+        return source.load_rgb()
     # Files go through condkit's one image loader, as in `condkit preprocess`: pixel
     # limit checked from the header, EXIF orientation, transparency on white.
     rgb = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
