@@ -71,16 +71,20 @@ def test_mask_follows_the_random_crop_resize_and_flip(tmp_path):
     big = np.kron(pattern, np.ones((8, 8), np.uint8))  # 96 x 144 blocks
     _save(np.dstack([big] * 3), tmp_path / "img.png")
     _save(big, tmp_path / "img.mask.png")
-    dataset = TrainingSet(_records(tmp_path), 40, "random", True, seed=3, inputs=masks.training_inputs(True))
+    records = _records(tmp_path)
     flips = set()
-    for epoch in range(12):
-        rng_sample = random.Random(hash((3, epoch, 0)))
-        flip = rng_sample.random() < 0.5
-        flips.add(flip)
-        sample = dataset.item(0, flip=flip, rng=rng_sample)
-        image01 = (sample["pixel_values"][0] + 1) / 2
-        torch.testing.assert_close(sample[masks.LOSS_MASK][0], image01, rtol=0, atol=1e-6)
+    for targets in (None, ((40, 56),)):  # square crops, and an aspect-ratio bucket (data.aspect_buckets)
+        dataset = TrainingSet(records, 40, "random", True, seed=3, inputs=masks.training_inputs(True), targets=targets)
+        for epoch in range(12):
+            rng_sample = random.Random(hash((3, epoch, 0)))
+            flip = rng_sample.random() < 0.5
+            flips.add(flip)
+            sample = dataset.item(0, flip=flip, rng=rng_sample)
+            image01 = (sample["pixel_values"][0] + 1) / 2
+            assert sample[masks.LOSS_MASK].shape == (3, *(targets[0] if targets else (40, 40)))
+            torch.testing.assert_close(sample[masks.LOSS_MASK][0], image01, rtol=0, atol=1e-6)
     assert flips == {True, False}
+    dataset = TrainingSet(records, 40, "random", True, seed=3, inputs=masks.training_inputs(True))
     left = [dataset.item(0, flip=False, rng=random.Random(seed))[masks.LOSS_MASK] for seed in range(4)]
     assert any(not torch.equal(left[0], other) for other in left[1:])  # the crops really differ
 
