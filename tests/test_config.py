@@ -91,3 +91,16 @@ def test_accelerate_configs_parse(path):
     assert path.read_text().startswith("# accelerate launch --config_file recipes/accelerate/")
     config = load_config_from_file(str(path))
     assert config.num_processes >= 2
+
+
+def test_readme_recipe_table_is_the_schema_whole():
+    """The README's recipe-key table is exactly ``describe_schema()``: every key, default and
+    help text (kinds' declared data keys included), in order, with nothing stale left in it."""
+    from condkit.train.config import describe_schema
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    start = readme.index("| key | default | meaning |")
+    end = start
+    while end < len(readme) and readme[end].startswith("|"):
+        end += 1
+    assert readme[start:end] == describe_schema().rstrip("\n").splitlines()

@@ -197,6 +197,17 @@ def test_ema_off_writes_the_same_files_as_before(plain_run):
     assert plain.ema_updates == -1
 
 
+def test_overwrite_without_ema_removes_an_earlier_runs_raw_weights(ema_run, images, tmp_path):
+    """``--overwrite`` of an EMA run's folder by a run without EMA leaves no stale raw/ behind
+    (it would pass for this run's raw weights)."""
+    out = tmp_path / "run"
+    shutil.copytree(ema_run[0], out, ignore=shutil.ignore_patterns(".condkit-train.lock"))
+    assert (out / RAW_FOLDER / LORA_FILE).is_file()
+    train(_recipe(images, {"max_steps": 2, "checkpoint_every": 0}), out, overwrite=True, show_progress=False)
+    assert not (out / RAW_FOLDER).exists() and not (out / "checkpoints").exists()
+    assert (out / LORA_FILE).is_file()
+
+
 def test_checkpoint_holds_the_ema_and_its_update_count(ema_run):
     out, recorder, _ = ema_run
     checkpoint = out / "checkpoints" / "step-00000003"

@@ -661,9 +661,11 @@ def _claim_output(accelerator, output_dir: Path, resume: str | None, overwrite: 
             removed = [p for folder in (output_dir, *(output_dir / name for name in RUN_SUBFOLDERS)) for p in remove_stale_temporaries(folder)]
             if removed:
                 accelerator.print(f"condkit: removed {len(removed)} temporary file(s) of an interrupted run in {output_dir}")
-            if overwrite and not resume and (output_dir / ckpt.CHECKPOINT_DIR).exists():
-                shutil.rmtree(output_dir / ckpt.CHECKPOINT_DIR)
-                accelerator.print(f"condkit: --overwrite: removed the earlier run's checkpoints in {output_dir}")
+            # An earlier run's checkpoints and raw/ weights (train.ema_decay) must not pass for this run's.
+            earlier = [output_dir / name for name in (ckpt.CHECKPOINT_DIR, ema_lib.RAW_FOLDER)] if overwrite and not resume else []
+            for folder in (f for f in earlier if f.exists()):
+                shutil.rmtree(folder)
+                accelerator.print(f"condkit: --overwrite: removed the earlier run's {folder.name}/ in {output_dir}")
             try:
                 accelerator.init_trackers("condkit")
             except OSError as exc:
