@@ -391,25 +391,41 @@ def save_base_folder(base: BaseModel, out: str | Path, overwrite: bool = False) 
 
 
 def save_base_single_file(base: BaseModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write an SD 1.x/2.x base as one original-layout ``.safetensors`` (A1111, ComfyUI), atomically.
+    """Write an SD 1.x/2.x or SDXL base as one original-layout ``.safetensors`` (A1111, ComfyUI), atomically.
 
     Args:
-        base: the base to write (U-Net, VAE, CLIP text encoder).
+        base: the base to write (U-Net, VAE, CLIP text encoder; SDXL: both text encoders).
         out: destination ``.safetensors`` file; must not exist unless ``overwrite``.
         overwrite: replace an existing file.
     """
     from condkit.io import save_safetensors_atomic
-    from condkit.original_layout import pipeline_to_original
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: --single-file writes one .safetensors file; give an OUT ending in .safetensors")
-    if base.family.name != formats.SD or base.text_encoder is None:
-        raise UserError(f"{base.source}: --single-file writes the SD 1.x/2.x layout; this is a {base.family.name} base (write a diffusers folder instead)")
     _check_new(out, overwrite)
-    state = pipeline_to_original(base.unet, base.vae, base.text_encoder)
+    state = _original_layout(base)
     save_safetensors_atomic(state, out, metadata={"format": "pt"})
     return out
+
+
+def _original_layout(base: BaseModel) -> dict[str, torch.Tensor]:
+    """The base's single-file state dict, in its family's original layout (checked by diffusers' converters)."""
+    from condkit.original_layout import pipeline_to_original
+    from condkit.original_layout_sdxl import sdxl_pipeline_to_original
+
+    family = base.family.name
+    needed = {formats.SD: ("text_encoder",), formats.SDXL: ("text_encoder", "text_encoder_2")}.get(family)
+    missing = [name for name in needed or () if getattr(base, name, None) is None]
+    if needed is None or missing:
+        what = f"without {' and '.join(missing)}" if missing else "(no original layout known)"
+        raise UserError(
+            f"{base.source}: --single-file writes SD 1.x/2.x bases and SDXL bases with both text encoders; "
+            f"this is a {family} base {what}: write a diffusers folder instead"
+        )
+    if family == formats.SDXL:
+        return sdxl_pipeline_to_original(base.unet, base.vae, base.text_encoder, base.text_encoder_2)
+    return pipeline_to_original(base.unet, base.vae, base.text_encoder)
 
 
 # ---- LoRA files ---------------------------------------------------------------------------------

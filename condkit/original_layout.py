@@ -12,7 +12,8 @@ so ``from_single_file`` reads exactly the weights that were written.
 Layout (SD 1.x): ``model.diffusion_model.*`` (U-Net: ``input_blocks``, ``middle_block``,
 ``output_blocks``), ``first_stage_model.*`` (VAE: ``encoder.down.{i}.block.{j}``, decoder
 levels counted from the bottom, mid attention as 1x1 convs),
-``cond_stage_model.transformer.text_model.*`` (CLIP text encoder).
+``cond_stage_model.transformer.text_model.*`` (CLIP text encoder). SDXL reuses the U-Net
+and VAE renames and adds its two text encoders in :mod:`condkit.original_layout_sdxl`.
 """
 
 from __future__ import annotations
@@ -116,18 +117,19 @@ def vae_to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
     return renamed
 
 
-def text_encoder_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a ``CLIPTextModel`` state dict to ``cond_stage_model.transformer.text_model.*``.
+def text_encoder_to_original(state_dict: Mapping[str, torch.Tensor], prefix: str = TEXT_ENCODER_PREFIX) -> dict[str, torch.Tensor]:
+    """Rename a ``CLIPTextModel`` state dict to ``{prefix}text_model.*``.
 
     transformers 5 drops ``text_model.`` from the keys; the original layout keeps it. The
-    ``position_ids`` buffer SD 1.x files carry is added (1, positions).
+    ``position_ids`` buffer SD 1.x and SDXL files carry is added (1, positions).
 
     Args:
         state_dict: ``text_encoder.state_dict()``.
+        prefix: ``cond_stage_model.transformer.`` (SD 1.x), ``conditioner.embedders.0.transformer.`` (SDXL).
     """
-    out = {f"{TEXT_ENCODER_PREFIX}text_model.{k.removeprefix('text_model.')}": v for k, v in state_dict.items()}
-    positions = out[f"{TEXT_ENCODER_PREFIX}text_model.embeddings.position_embedding.weight"].shape[0]
-    out.setdefault(f"{TEXT_ENCODER_PREFIX}text_model.embeddings.position_ids", torch.arange(positions).unsqueeze(0))
+    out = {f"{prefix}text_model.{k.removeprefix('text_model.')}": v for k, v in state_dict.items()}
+    positions = out[f"{prefix}text_model.embeddings.position_embedding.weight"].shape[0]
+    out.setdefault(f"{prefix}text_model.embeddings.position_ids", torch.arange(positions).unsqueeze(0))
     return out
 
 
@@ -156,17 +158,27 @@ def check_round_trip(original: Mapping[str, torch.Tensor], models: Mapping[str, 
 
     Args:
         original: the original-layout state dict.
-        models: ``U-Net`` / ``VAE`` / ``text encoder`` -> (diffusers state dict, config).
+        models: ``U-Net`` / ``VAE`` / ``text encoder`` / ``text encoder 2`` -> (diffusers state
+            dict, config); for ``text encoder 2`` (SDXL's OpenCLIP, read from
+            ``conditioner.embedders.1.model.``) the "config" is the model itself, which
+            diffusers' ``convert_open_clip_checkpoint`` takes.
 
     Raises:
         UserError: naming the first key that is missing or differs after the round trip.
     """
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
 
     converters = {
         "U-Net": lambda config: convert_ldm_unet_checkpoint(dict(original), config),
         "VAE": lambda config: convert_ldm_vae_checkpoint(dict(original), config),
         "text encoder": lambda config: convert_ldm_clip_checkpoint(dict(original)),
+        # the prefix create_diffusers_clip_model_from_ldm passes for an SDXL base's OpenCLIP
+        "text encoder 2": lambda model: convert_open_clip_checkpoint(model, dict(original), prefix="conditioner.embedders.1.model."),
     }
     for what, (state, config) in models.items():
         back = converters[what](config)

@@ -14,15 +14,16 @@ def add_parser(subparsers) -> None:
         description=(
             "Add each adapter's update times its scale to the base's U-Net and text-encoder weights "
             "(LoRA in the diffusers or kohya/A1111 format; LoHa and LoKr files too) and write the result "
-            "as a diffusers folder, or with --single-file as one .safetensors in the original SD layout "
-            "(model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*) that A1111 "
-            "and ComfyUI load. Inputs are never modified; OUT is written atomically."
+            "as a diffusers folder, or with --single-file as one .safetensors in the original SD/SDXL layout "
+            "(model.diffusion_model.*, first_stage_model.*, and cond_stage_model.transformer.* for SD or "
+            "conditioner.embedders.0/1.* for SDXL's two text encoders) that A1111 and ComfyUI load. Inputs "
+            "are never modified; OUT is written atomically."
         ),
     )
     parser.add_argument("base", help="'embedded', a diffusers folder, or a single-file checkpoint (with --base-config)")
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:SCALE]", help="adapter file or folder, optional scale after a colon (default 1)")
     parser.add_argument("--output", type=Path, required=True, help="output diffusers folder, or .safetensors file with --single-file")
-    parser.add_argument("--single-file", action="store_true", help="write one original-layout .safetensors (SD 1.x/2.x bases)")
+    parser.add_argument("--single-file", action="store_true", help="write one original-layout .safetensors (SD 1.x/2.x and SDXL bases)")
     parser.add_argument("--base-config", default=None, help="config folder for a single-file BASE")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.set_defaults(run=run_merge)
