@@ -92,7 +92,7 @@ def as_arrays(images):
 @pytest.mark.parametrize(
     "options, key",
     [
-        ({"adapter_type": "full_adapter_xl"}, "adapter.adapter_type"),
+        ({"adapter_type": "huge_adapter"}, "adapter.adapter_type"),
         ({"channels": 32}, "adapter.channels"),
         ({"num_res_blocks": 0}, "adapter.num_res_blocks"),
         ({"downscale_factor": 3}, "adapter.downscale_factor"),

@@ -4,7 +4,9 @@ The adapter encodes the condition map alone (no latents, no timestep, no prompt)
 one feature map per U-Net down block; they enter through the U-Net's
 ``down_intrablock_additional_residuals`` argument (added after each down block's last
 layer), so LoRA (peft layers) and ControlNet (``down_block_additional_residuals``)
-compose with it. Because the features do not depend on the step, a generation computes
+compose with it. On SDXL it is diffusers' ``full_adapter_xl`` layout (see :mod:`.config`),
+and the family's ``added_cond_kwargs`` reach the U-Net beside the features, merged by the
+loop (the adapter itself reads no prompt). Because the features do not depend on the step, a generation computes
 them once (see :mod:`.generate`); training recomputes them per batch, with T2I-Adapter's
 cubic timestep sampling (mostly early, noisy steps, where the layout forms).
 """
@@ -73,22 +75,25 @@ def check_fits(model: T2IAdapter, base: BaseModel, source: str) -> None:
             adapter gives more or fewer features than the U-Net takes.
     """
     latent = base.resolution // base.vae_scale_factor
-    if model.config.downscale_factor * latent != base.resolution:
+    wanted = residual_shapes(base.unet.config, latent)
+    first = wanted[0][1]  # side of the first feature: the latents', or half of it on SDXL
+    factor = model.config.downscale_factor
+    layout = T2IAdapterConfig().resolved_type(tuple(base.unet.config.down_block_types))  # what a fresh one would be
+    if factor * first != base.resolution:
         raise UserError(
-            f"{source}: downscale_factor {model.config.downscale_factor} makes {base.resolution // model.config.downscale_factor} px "
-            f"features but the base's latents are {latent} px (its VAE factor is {base.vae_scale_factor})"
+            f"{source}: downscale_factor {factor} makes {base.resolution // factor} px features but the base U-Net's "
+            f"first down block takes {first} px ones (downscale_factor {base.resolution // first}; its VAE factor is {base.vae_scale_factor}; this U-Net takes adapter_type {layout})"
         )
     with torch.no_grad():
         blank = torch.zeros(1, model.config.in_channels, base.resolution, base.resolution, dtype=model.dtype)
         got = [tuple(f.shape[1:]) for f in model(blank)]  # one (c, h, w) per stage
-    wanted = residual_shapes(base.unet.config, latent)
     blocks = len(wanted) - 1
     if len(got) not in (blocks, blocks + 1) or any(g != w for g, w in zip(got, wanted)):
         mismatch = next((i for i, (g, w) in enumerate(zip(got, wanted)) if g != w), min(len(got), len(wanted)) - 1)
         raise UserError(
             f"{source}: T2I-Adapter features {got} do not fit the base U-Net's down blocks {wanted[:blocks]} "
             f"(first difference at feature {mismatch}; channels must follow block_out_channels "
-            f"{list(base.unet.config.block_out_channels)})"
+            f"{list(base.unet.config.block_out_channels)}; this U-Net takes adapter_type {layout})"
         )
 
 
@@ -131,7 +136,8 @@ class T2IAdapterKind(Adapter):
             if self.config.init_from:
                 self.model = formats.read_t2i_adapter(self.config.init_from).requires_grad_(True)
             else:
-                arguments = self.config.model_config(tuple(base.unet.config.block_out_channels), base.vae_scale_factor)
+                unet = base.unet.config
+                arguments = self.config.model_config(tuple(unet.block_out_channels), base.vae_scale_factor, tuple(unet.down_block_types))
                 self.model = T2IAdapter(**arguments)  # float32, like every module diffusers builds
         check_fits(self.model, base, self.config.init_from or f"t2i_adapter {self.name}")
         self.base = base
@@ -215,7 +221,9 @@ class T2IAdapterKind(Adapter):
             extras: ``condition``, (b, C, h * f, w * f) float in [0, 1], f the VAE factor.
         """
         condition = extras[CONDITION_INPUT.name].to(noisy_latents.device)
-        factor = self._model().config.downscale_factor
+        # The map has the image's size: the VAE factor times the latents' (the adapter's own
+        # downscale_factor is twice that on SDXL, whose first features are half the latents').
+        factor = self.base.vae_scale_factor if self.base is not None else self._model().config.downscale_factor
         if tuple(condition.shape[-2:]) != tuple(s * factor for s in noisy_latents.shape[-2:]):
             raise ValueError(f"condition maps {tuple(condition.shape[-2:])} do not match latents {tuple(noisy_latents.shape[-2:])} x {factor}")
         # A new list each call: the U-Net pops its entries as it goes.
@@ -238,7 +246,7 @@ class T2IAdapterKind(Adapter):
 
     # ---- inference hooks ---------------------------------------------------------
     def pipeline_components(self) -> dict[str, Any]:
-        """``{"adapter": model}`` for ``StableDiffusionAdapterPipeline``."""
+        """``{"adapter": model}`` for ``StableDiffusionAdapterPipeline`` (SDXL: ``StableDiffusionXLAdapterPipeline``)."""
         return {"adapter": self._model()}
 
     @classmethod

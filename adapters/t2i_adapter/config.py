@@ -9,7 +9,17 @@ then gives one feature map per entry of ``channels``, each half the size of the 
   1280, 1280; the embedded base: 32, 64, 96);
 * ``light_adapter``: ``len(channels) + 1`` features, the last repeating the last
   channel count, so ``channels`` defaults to ``block_out_channels[:-1]`` and fits only
-  U-Nets whose last two blocks have equal widths (SD 1.5 does, the embedded base not).
+  U-Nets whose last two blocks have equal widths (SD 1.5 does, the embedded base not);
+* ``full_adapter_xl`` (diffusers' ``FullAdapterXL``, SDXL's): ``len(channels)`` features
+  where only the third halves the size. An SDXL U-Net's first down block is a plain one,
+  whose feature enters after its downsampler, at half the latents' size, and its second
+  adds its feature before downsampling; so ``downscale_factor`` defaults to twice the VAE
+  factor and ``channels`` to ``block_out_channels`` plus the middle block's (the last
+  again) when there are three blocks: SDXL 1.0 gets 320@64, 640@64, 1280@32, 1280@32 from
+  a 1024 px map, as diffusers' ``train_t2i_adapter_sdxl.py`` builds it.
+
+``adapter_type: auto`` (the default) picks ``full_adapter_xl`` for U-Nets of SDXL's layout
+(a plain first down block followed by others) and ``full_adapter`` otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ import math
 from condkit.adapters.base import AdapterConfig, config_field
 from condkit.errors import UserError
 
-ADAPTER_TYPES = ("full_adapter", "light_adapter")
+AUTO = "auto"
+XL_ADAPTER = "full_adapter_xl"
+ADAPTER_TYPES = (AUTO, "full_adapter", XL_ADAPTER, "light_adapter")
 TIMESTEP_SAMPLINGS = ("cubic", "uniform")
 FIDELITY_METRICS = ("edge_f1", "none")
 
@@ -30,7 +42,9 @@ class T2IAdapterConfig(AdapterConfig):
     """How a T2I-Adapter is built, trained and applied.
 
     Args:
-        adapter_type: diffusers' ``adapter_type``: ``full_adapter`` or ``light_adapter``.
+        adapter_type: diffusers' ``adapter_type``: ``full_adapter``, ``full_adapter_xl`` or
+            ``light_adapter``; ``auto`` = the one the base U-Net's layout takes
+            (:meth:`resolved_type`).
         channels: feature channels per stage; None derives them from the base U-Net
             (see the module docstring).
         num_res_blocks: residual blocks per stage.
@@ -46,7 +60,10 @@ class T2IAdapterConfig(AdapterConfig):
         init_from: start from an existing T2I-Adapter (diffusers folder).
     """
 
-    adapter_type: str = config_field("full_adapter", "diffusers' adapter_type: the full or the light adapter", choices=ADAPTER_TYPES)
+    adapter_type: str = config_field(
+        AUTO, "diffusers' adapter_type: the full, SDXL (full_adapter_xl) or light adapter; auto = full_adapter_xl on SDXL U-Nets, else full_adapter",
+        choices=ADAPTER_TYPES,
+    )
     channels: tuple[int, ...] | None = config_field(None, "feature channels per stage; null = from the base U-Net's block_out_channels")
     num_res_blocks: int = config_field(2, "residual blocks per stage", range=(1, 8))
     downscale_factor: int | None = config_field(None, "pixel-unshuffle factor of the map; null = the base's VAE factor")
@@ -80,20 +97,44 @@ class T2IAdapterConfig(AdapterConfig):
         if not isinstance(self.edge_tolerance, int) or not 0 <= self.edge_tolerance <= 8:
             raise UserError(f"adapter.edge_tolerance={self.edge_tolerance!r}: must be an integer in [0, 8] pixels")
 
-    def model_config(self, block_out_channels: tuple[int, ...], vae_scale_factor: int) -> dict:
+    def resolved_type(self, down_block_types: tuple[str, ...]) -> str:
+        """The diffusers ``adapter_type`` for a U-Net: ``adapter_type``, or for ``auto`` its layout's.
+
+        Args:
+            down_block_types: the base U-Net's ``down_block_types``.
+
+        Returns:
+            ``full_adapter_xl`` when the first down block is a plain one followed by others
+            (SDXL's: its feature enters after the downsampler, which only the XL layout
+            gives), else ``full_adapter`` (SD 1.x/2.x: cross-attention first).
+        """
+        if self.adapter_type != AUTO:
+            return self.adapter_type
+        plain_first = len(down_block_types) > 1 and "CrossAttn" not in down_block_types[0]
+        return XL_ADAPTER if plain_first else "full_adapter"
+
+    def model_config(self, block_out_channels: tuple[int, ...], vae_scale_factor: int, down_block_types: tuple[str, ...] = ()) -> dict:
         """The ``T2IAdapter(**config)`` arguments for a base.
 
         Args:
             block_out_channels: the base U-Net's ``block_out_channels``.
             vae_scale_factor: the base's pixels per latent cell per side.
+            down_block_types: the base U-Net's ``down_block_types`` (for ``auto``; empty
+                = not SDXL's layout).
         """
-        channels = self.channels
-        if channels is None:
-            channels = tuple(block_out_channels) if self.adapter_type == "full_adapter" else tuple(block_out_channels[:-1])
+        adapter_type = self.resolved_type(tuple(down_block_types))
+        channels, factor = self.channels, self.downscale_factor
+        if adapter_type == XL_ADAPTER:
+            # SDXL: features at half the latents' size; a fourth stage feeds the middle block,
+            # which only a three-block U-Net's fourth XL stage (same size as the third) fits.
+            channels = channels or tuple(block_out_channels) + (tuple(block_out_channels[-1:]) if len(block_out_channels) == 3 else ())
+            factor = factor or 2 * vae_scale_factor
+        elif channels is None:
+            channels = tuple(block_out_channels) if adapter_type == "full_adapter" else tuple(block_out_channels[:-1])
         return {
             "in_channels": self.conditioning_channels,
             "channels": list(channels),
             "num_res_blocks": self.num_res_blocks,
-            "downscale_factor": self.downscale_factor or vae_scale_factor,
-            "adapter_type": self.adapter_type,
+            "downscale_factor": factor or vae_scale_factor,
+            "adapter_type": adapter_type,
         }

@@ -2,7 +2,8 @@
 
 A folder holds ``config.json`` (``_class_name: T2IAdapter``) and
 ``diffusion_pytorch_model.safetensors``; ``T2IAdapter.from_pretrained`` reads it and
-stock ``StableDiffusionAdapterPipeline(adapter=...)`` uses it. condkit writes
+stock ``StableDiffusionAdapterPipeline(adapter=...)`` (SDXL: ``StableDiffusionXLAdapterPipeline``)
+uses it. condkit writes
 ``OUT/t2i_adapter/`` with ``condkit_adapter.json`` beside the weights (its config and
 the base fingerprint); any diffusers T2I-Adapter folder, or a folder holding one under
 ``t2i_adapter/``, is read.

@@ -1,7 +1,8 @@
 """Sampling with T2I-Adapters (validation, benchmarks, tests) through condkit's generate path.
 
 :func:`condkit.generate.build_pipeline` makes diffusers' stock
-``StableDiffusionAdapterPipeline`` (several adapters become one ``MultiAdapter``),
+``StableDiffusionAdapterPipeline`` (``StableDiffusionXLAdapterPipeline`` on SDXL; several
+adapters become one ``MultiAdapter``),
 which runs the adapters once per generation and adds the same features at every step.
 """
 
