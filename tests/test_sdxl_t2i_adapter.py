@@ -6,7 +6,8 @@ diffusers' ``train_t2i_adapter_sdxl.py`` does. On the tiny SDXL-architecture bas
 (``tests/sdxl_tiny.py``): the default is that layout with the U-Net's channels and
 scale 0 gives the base bit for bit beside the family's ``added_cond_kwargs``; condkit's
 generation equals stock ``StableDiffusionXLAdapterPipeline`` with the export (and
-``condkit generate`` equals it too); a plain diffusers-format SDXL T2I-Adapter folder
+``condkit generate`` equals it too, also with an IP-Adapter, which the SDXL adapter pipeline
+takes); a plain diffusers-format SDXL T2I-Adapter folder
 imports exactly; the ``t2i-adapter-canny`` recipe trains with ``--set base=<sdxl
 folder>`` (validation included) and a resumed run repeats an uninterrupted one bit for bit.
 """
@@ -207,3 +208,40 @@ def test_canny_recipe_trains_on_sdxl_validates_and_resumes_bit_exactly(tiny_sdxl
     assert _train(tiny_sdxl, resumed_dir, "--resume", "latest") == 0
     resumed = load_file(resumed_dir / "t2i_adapter" / WEIGHTS)
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_condkit_generate_with_an_ip_adapter_on_sdxl_equals_stock_diffusers(maps, tiny_sdxl, tmp_path):
+    """Unlike SD's, stock ``StableDiffusionXLAdapterPipeline`` takes an IP-Adapter: the pair composes."""
+    from diffusers import StableDiffusionXLAdapterPipeline, T2IAdapter
+
+    from condkit.adapters.ip_adapter import IPAdapter, IPAdapterConfig
+
+    fresh = load_base(tiny_sdxl)  # the IP-Adapter's layers stay off the module's base
+    ip = IPAdapter(IPAdapterConfig())
+    ip.attach(fresh)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for param in ip.trainable_parameters():
+            param.add_(torch.randn(param.shape, generator=g) * 0.1)
+    ip.save(tmp_path / "ip")
+    ip.detach()
+    perturbed(fresh, seed=9).save(tmp_path / "t2i")
+    Image.fromarray(maps[0]).save(tmp_path / "map.png")
+    Image.fromarray(maps[1]).save(tmp_path / "ref.png")
+    assert main([
+        "generate", "--base", str(tiny_sdxl), "--adapter", str(tmp_path / "ip"), "--adapter", str(tmp_path / "t2i"),
+        "--t2i-image", str(tmp_path / "map.png"), "--ip-image", str(tmp_path / "ref.png"),
+        "--prompt", PROMPTS[0], "--steps", str(STEPS), "--guidance", "4", "--seed", "3", "--output", str(tmp_path / "out"),
+    ]) == 0
+    ours = np.asarray(Image.open(tmp_path / "out" / "000003.png"))
+    stock = T2IAdapter.from_pretrained(tmp_path / "t2i" / "t2i_adapter", local_files_only=True)
+    pipe = StableDiffusionXLAdapterPipeline.from_pretrained(tiny_sdxl, adapter=stock, image_encoder=None, feature_extractor=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(tmp_path / "ip"), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder="image_encoder")
+    call = dict(image=Image.open(tmp_path / "map.png").convert("RGB"), ip_adapter_image=Image.open(tmp_path / "ref.png").convert("RGB"))
+    run = dict(num_inference_steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(3))
+    theirs = np.asarray(pipe(PROMPTS[0], **call, **run).images[0])
+    np.testing.assert_array_equal(ours, theirs)
+    pipe.set_ip_adapter_scale(0.0)  # the image prompt matters in the composition
+    run["generator"] = torch.Generator().manual_seed(3)
+    assert not np.array_equal(np.asarray(pipe(PROMPTS[0], **call, **run).images[0]), theirs)
