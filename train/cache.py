@@ -195,8 +195,22 @@ def _packed(per_variant: list[list[torch.Tensor]]) -> torch.Tensor | list[torch.
     """Per-variant lists of per-sample tensors as one (variants, n, ...) tensor when every
     sample's has one shape, else as a list of n (variants, ...) tensors (bucketed shapes)."""
     if len({tuple(row.shape) for rows in per_variant for row in rows}) == 1:
-        return torch.stack([torch.stack(rows) for rows in per_variant])
+        return torch.stack([_stacked_in_source_format(rows) for rows in per_variant])
     return [torch.stack([rows[index] for rows in per_variant]) for index in range(len(per_variant[0]))]
+
+
+def _stacked_in_source_format(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)`` in the memory format of the batch the rows were cut from.
+
+    The VAE's latents come out channels_last; the uncached path feeds them to the U-Net so,
+    and its kernels round differently on a contiguous copy, so a cached run would drift from
+    an uncached one by ~1e-6 (``torch.stack`` alone makes the result contiguous).
+    """
+    stacked = torch.stack(rows)
+    first = rows[0].unsqueeze(0)
+    if stacked.ndim == 4 and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
+        stacked = stacked.contiguous(memory_format=torch.channels_last)
+    return stacked
 
 
 def _take(values: torch.Tensor | list[torch.Tensor], variant: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
