@@ -33,6 +33,8 @@ REFERENCE_NAMES = {
     "lora": "diffusers train_dreambooth_lora.py",
     "controlnet": "diffusers train_controlnet.py",
     "ip_adapter": "IP-Adapter tutorial_train.py",
+    "lora_sdxl": "diffusers train_dreambooth_lora_sdxl.py",
+    "controlnet_sdxl": "diffusers train_controlnet_sdxl.py",
 }
 
 
@@ -138,20 +140,29 @@ class StandardSteps:
             return torch.autocast("cpu", enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _forward_backward(self, latents, text_embeds, image_embeds=None) -> None:
-        """Noise, the trainable forward pass, MSE to the noise, backward."""
+    def _forward_backward(self, latents, text_embeds, image_embeds=None, added_cond_kwargs=None) -> None:
+        """Noise, the trainable forward pass, MSE to the noise, backward.
+
+        Args:
+            latents, text_embeds, image_embeds: from :meth:`_encode` (image_embeds: IP-Adapter only).
+            added_cond_kwargs: the U-Net's extra inputs (SDXL: ``text_embeds``, ``time_ids``), or None.
+        """
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         with self._autocast():
+            added = dict(added_cond_kwargs or {})
             kwargs = {}
             if self.controlnet is not None:
                 down, mid = self.controlnet(
-                    noisy, timesteps, encoder_hidden_states=text_embeds, controlnet_cond=self.batch["condition"], return_dict=False
+                    noisy, timesteps, encoder_hidden_states=text_embeds, controlnet_cond=self.batch["condition"],
+                    added_cond_kwargs=added or None, return_dict=False,
                 )
                 kwargs = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             if image_embeds is not None:
-                kwargs["added_cond_kwargs"] = {"image_embeds": [image_embeds.unsqueeze(1)]}  # (b, 1, p)
+                added["image_embeds"] = [image_embeds.unsqueeze(1)]  # (b, 1, p)
+            if added:
+                kwargs["added_cond_kwargs"] = added
             prediction = self.base.unet(noisy, timesteps, text_embeds, **kwargs).sample
         F.mse_loss(prediction.float(), noise.float()).backward()
 
@@ -162,7 +173,7 @@ class StandardSteps:
         if image_embeds is not None:  # tutorial_train.py drops the image per sample (5 %)
             keep = (torch.rand(image_embeds.shape[0], device=image_embeds.device) >= 0.05)[:, None]
             image_embeds = image_embeds * keep
-        self._forward_backward(encoded["latents"], encoded["text_embeds"], image_embeds)
+        self._forward_backward(encoded["latents"], encoded["text_embeds"], image_embeds, encoded.get("added_cond_kwargs"))
         if self.kind != "ip_adapter":  # the diffusers scripts clip (max_grad_norm 1.0); tutorial_train.py does not
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
@@ -171,7 +182,7 @@ class StandardSteps:
     def floor_step(self) -> None:
         """The trainable forward/backward and optimizer step on precomputed inputs."""
         inputs = self.floor_inputs
-        self._forward_backward(inputs["latents"], inputs["text_embeds"], inputs.get("image_embeds"))
+        self._forward_backward(inputs["latents"], inputs["text_embeds"], inputs.get("image_embeds"), inputs.get("added_cond_kwargs"))
         self.floor_optimizer.step()
         self.floor_optimizer.zero_grad(set_to_none=True)
 
@@ -185,14 +196,20 @@ def make_loop_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimiz
     return build_optimizer(cfg.optimizer, [{"params": params, "lr": 1e-4}], cfg.learning_rate, cfg.weight_decay)
 
 
-def measure_kind(recipe, warmup: int, prebuilt_base=None) -> dict[str, list[float]]:
+def measure_kind(recipe, warmup: int, prebuilt_base=None, steps_class=StandardSteps) -> dict[str, list[float]]:
     """Run the loop for ``recipe`` with the reference and floor steps interleaved.
+
+    Args:
+        recipe: from :func:`make_recipe`.
+        warmup: leading steps of every contender dropped.
+        prebuilt_base: optional base handed to the loop instead of ``recipe.base``.
+        steps_class: the reference/floor steps (:class:`StandardSteps` or a family's subclass).
 
     Returns:
         ``condkit``, ``reference``, ``floor`` -> per-step seconds after warm-up.
     """
     def make_others(base) -> dict[str, Callable[[], None]]:
-        steps = StandardSteps(recipe.adapter.kind, base, reference_batch(recipe, base))
+        steps = steps_class(recipe.adapter.kind, base, reference_batch(recipe, base))
         return {"reference": steps.reference_step, "floor": steps.floor_step}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,8 +217,16 @@ def measure_kind(recipe, warmup: int, prebuilt_base=None) -> dict[str, list[floa
     return {name: values[warmup:] for name, values in times.items()}
 
 
-def step_rows(section: str, label: str, times: dict[str, list[float]], kind: str, reference_limit: float | None, floor_limit: float | None) -> list[Row]:
-    """Rows for one kind: median step times and the two ratios."""
+def step_rows(section: str, label: str, times: dict[str, list[float]], kind: str, reference_limit: float | None, floor_limit: float | None, script: str = "") -> list[Row]:
+    """Rows for one kind: median step times and the two ratios.
+
+    Args:
+        section, label: where the rows go and what they measured.
+        times: from :func:`measure_kind`.
+        kind: adapter kind; names the reference script unless ``script`` is given.
+        reference_limit, floor_limit: targets of condkit / reference and condkit / floor.
+        script: key of :data:`REFERENCE_NAMES` naming the reference (default ``kind``).
+    """
     condkit, reference, floor = (median(times[k]) for k in ("condkit", "reference", "floor"))
     count = len(times["condkit"])
     medians = f"medians of {count}: condkit {condkit * 1e3:.0f} ms, reference {reference * 1e3:.0f} ms, floor {floor * 1e3:.0f} ms"
@@ -213,7 +238,7 @@ def step_rows(section: str, label: str, times: dict[str, list[float]], kind: str
             f"(its per-step encoding is only {1 - floor / reference:.0%} of its step)"
         )
     return [
-        ratio_row(section, f"{label}: condkit / {REFERENCE_NAMES[kind]}", condkit / reference, reference_limit, medians),
+        ratio_row(section, f"{label}: condkit / {REFERENCE_NAMES[script or kind]}", condkit / reference, reference_limit, medians),
         ratio_row(
             section,
             f"{label}: condkit / floor (U-Net fwd+bwd alone)",
