@@ -21,10 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SECTIONS = ("training", "memory", "inference", "loading", "scaling")
-# Run only when named in --sections: tests/test_benchmarks.py's quick report does not list
-# their rows yet (its targets count would change).
-EXTRA_SECTIONS = ("sdxl",)
+SECTIONS = ("training", "memory", "inference", "loading", "scaling", "sdxl")
 
 METHOD = """\
 How to read this: every time is a median of repetitions run interleaved in one
@@ -78,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check that the suite runs")
     parser.add_argument("--out", default="", help="write the markdown report to this file (default: print it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a loaded machine more threads wait on each other)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS + EXTRA_SECTIONS)} (default all but {', '.join(EXTRA_SECTIONS)})")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)} (default all)")
     args = parser.parse_args(argv)
 
     import torch
@@ -90,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_description()
     started = time.perf_counter()
     chosen = [name.strip() for name in args.sections.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(SECTIONS + EXTRA_SECTIONS))
+    unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
-        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}")
+        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     rows = []
-    for name in SECTIONS + EXTRA_SECTIONS:
+    for name in SECTIONS:
         if name not in chosen:
             continue
         section_start = time.perf_counter()

@@ -51,6 +51,12 @@ EXPECTED_ROWS = {
         ("preprocessing, plain loop (1 process: imread, Canny, imwrite)", ""),
         ("preprocessing, condkit preprocess canny", ""),
     ],
+    "9. SDXL architecture (random weights, published config)": [
+        ("LoRA, SDXL widths / 10, 1 transformer layer per block (quick run), batch 1, 64 px: condkit / diffusers train_dreambooth_lora_sdxl.py", "<= 1.00x"),
+        ("LoRA, SDXL widths / 10, 1 transformer layer per block (quick run), batch 1, 64 px: condkit / floor (U-Net fwd+bwd alone)", "<= 1.10x"),
+        ("ControlNet, SDXL widths / 10, 1 transformer layer per block (quick run), batch 1, 64 px: condkit / diffusers train_controlnet_sdxl.py", "<= 1.00x"),
+        ("ControlNet, SDXL widths / 10, 1 transformer layer per block (quick run), batch 1, 64 px: condkit / floor (U-Net fwd+bwd alone)", "<= 1.10x"),
+    ],
     "6. Scaling": [
         ("LoRA, embedded base, batch 1, 32 px", ""),
         ("LoRA, embedded base, batch 2, 32 px", ""),
