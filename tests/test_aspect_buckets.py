@@ -14,10 +14,8 @@ import io
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 import yaml
 from PIL import Image
 
+from crash import train_killed_after_checkpoint
 from condkit.errors import UserError
 from condkit.io import load_state_dict
 from condkit.train import buckets
@@ -267,18 +266,8 @@ def test_kill_9_then_resume_with_buckets_equals_an_uninterrupted_run(tmp_path):
     assert "condkit: buckets (width x height): 88x40 (5 images), 40x88 (3), 64x64 (2)" in done.stdout
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "condkit", "train", str(recipe), "--output", str(crashed), "--no-progress"],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (crashed / "checkpoints" / "step-00000008").is_dir():
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (crashed / "pytorch_lora_weights.safetensors").exists()
+    train_killed_after_checkpoint(recipe, crashed, step=8)
+    assert not (crashed / "pytorch_lora_weights.safetensors").exists()
 
     resumed = _condkit("train", str(recipe), "--output", str(crashed), "--resume", "latest", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -12,10 +12,8 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
+from crash import train_killed_after_checkpoint
 from condkit.errors import UserError
 from condkit.io import load_state_dict
 from condkit.train import loop
@@ -330,16 +329,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_raw_and_ema(ema_recipe_f
     assert result.returncode == 0, result.stderr[-2000:]
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen([sys.executable, "-m", "condkit", "train", str(ema_recipe_file), "--output", str(crashed), "--no-progress"],
-                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (crashed / "checkpoints" / "step-00000008").is_dir():
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    train_killed_after_checkpoint(ema_recipe_file, crashed, step=8, timeout=600)
     assert not (crashed / LORA_FILE).exists()
     assert (crashed / "checkpoints" / "step-00000008" / EMA_FILE).is_file()
 

@@ -14,10 +14,8 @@
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
+from crash import train_killed_after_checkpoint
 from condkit.errors import UserError
 from condkit.io import load_state_dict
 from condkit.train import checkpoint as ckpt
@@ -327,15 +326,8 @@ def test_kill_9_then_resume_with_prodigy_equals_an_uninterrupted_run(image_folde
     assert subprocess.run([*command, str(straight)], env=ENV, capture_output=True, timeout=600).returncode == 0
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen([*command, str(crashed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (crashed / "checkpoints" / "step-00000003").is_dir():
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (crashed / "pytorch_lora_weights.safetensors").exists()
+    train_killed_after_checkpoint(recipe, crashed, step=3, poll=0.02)
+    assert not (crashed / "pytorch_lora_weights.safetensors").exists()
 
     resumed = subprocess.run([*command, str(crashed), "--resume", "latest"], env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -2,10 +2,8 @@
 
 import errno
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
+from crash import train_killed_after_checkpoint
 from condkit.errors import UserError
 from condkit.io import atomic_path, load_state_dict
 
@@ -58,20 +57,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(lora_recipe, tmp_path):
     assert _condkit("train", str(lora_recipe), "--output", str(straight), "--no-progress").returncode == 0
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "condkit", "train", str(lora_recipe), "--output", str(crashed), "--no-progress"],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (crashed / "checkpoints" / "step-00000008").is_dir():
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    train_killed_after_checkpoint(lora_recipe, crashed, step=8)
     assert not (crashed / "pytorch_lora_weights.safetensors").exists()
 
     resumed = _condkit("train", str(lora_recipe), "--output", str(crashed), "--resume", "latest", "--no-progress")
