@@ -3,7 +3,10 @@
 Bucket shapes and assignment, content a square crop would lose, one bucket per batch and
 every image once per epoch (also across processes), cached = uncached batches, SDXL
 time_ids from the bucket's sizes, a LoRA training on non-square images end to end (with
-its log line), and kill -9 + --resume latest bit-identical with buckets.
+its log line), and kill -9 + --resume latest bit-identical with buckets. With prior
+preservation: class images in every bucket, each step's class batch as many images of
+its instance batch's bucket (SDXL time_ids with the class image's own size), and a
+resumed run bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # (height, width) of the training images: 5 wide, 3 tall, 2 square (64 px base, VAE factor 4, step 8).
 SHAPES = [(50, 100)] * 5 + [(100, 46)] * 3 + [(70, 70)] * 2
 WIDE, TALL, SQUARE = (40, 88), (88, 40), (64, 64)  # their buckets (height, width)
+
+
+def _write_class_images(folder: Path, count: int = 3) -> Path:
+    """Square class images (as the base generates them), flat colours."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(np.full((64, 64, 3), 40 + 60 * i, np.uint8)).save(folder / f"class-{i:05d}.png")
+    return folder
 
 
 def _write_images(folder: Path, shapes=SHAPES) -> Path:
@@ -73,14 +84,35 @@ def test_a_2_to_1_image_gets_a_2_to_1_bucket_of_the_target_area(resolution, fact
     assert buckets.nearest_bucket(333, 333, shapes) == (resolution, resolution)
 
 
-def test_assign_buckets_names_them_in_one_line_and_refuses_prior_preservation(tmp_path):
+def test_assign_buckets_names_them_in_one_line(tmp_path):
     records = find_records(DataConfig(path=str(_write_images(tmp_path / "d"))))
     lines = []
-    targets = buckets.assign_buckets(records, DataConfig(aspect_buckets=True), 64, 8, lines.append)
+    targets = buckets.assign_buckets(records, DataConfig(aspect_buckets=True, prior_prompt=["a dog"]), 64, 8, lines.append)
     assert collections.Counter(targets) == {WIDE: 5, TALL: 3, SQUARE: 2}
     assert lines == ["condkit: buckets (width x height): 88x40 (5 images), 40x88 (3), 64x64 (2)"]
-    with pytest.raises(UserError, match=r"data\.aspect_buckets.*data\.prior_prompt"):
-        buckets.assign_buckets(records, DataConfig(aspect_buckets=True, prior_prompt=["a dog"]), 64, 8, lines.append)
+
+
+def test_class_images_go_to_every_bucket_and_a_class_batch_to_its_instance_batchs():
+    """Each class image once per bucket used; a class batch drawn in a bucket holds the class
+    images a run without buckets would draw at those positions, cut to that bucket."""
+    from condkit.train.loop import _sample_indices
+
+    class_records = [Record(image=np.full((64, 64, 3), 50 * i, np.uint8), caption="a thing") for i in range(3)]
+    lines = []
+    records, targets = buckets.spread_class_records(class_records, tuple([WIDE] * 5 + [TALL] * 3 + [SQUARE] * 2), lines.append)
+    assert lines == ["condkit: class images: each of the 3 is resized and cropped to every bucket of the training images (width x height: 40x88, 64x64, 88x40)"]
+    assert collections.Counter(targets) == {WIDE: 3, TALL: 3, SQUARE: 3}
+    class_set = TrainingSet(records, 64, "center", True, 4, targets=targets)
+    unbucketed = TrainingSet(class_records, 64, "center", True, 4)
+    for start in range(0, 12, 2):  # four epochs of the three class images; batches of 2 and of 1 (a bucket's last)
+        positions = [start, start + 1][: 1 + start % 4 // 2]
+        plain, plain_epochs = _sample_indices(unbucketed, positions)
+        for bucket in (WIDE, TALL, SQUARE):
+            indices, epochs = _sample_indices(class_set, positions, bucket)
+            assert [targets[i] for i in indices] == [bucket] * len(positions) and epochs == plain_epochs
+            assert all(records[i] is class_records[j] for i, j in zip(indices, plain))
+    sample = class_set.item(buckets.bucket_members(targets, WIDE)[1], flip=False)
+    assert tuple(sample["pixel_values"].shape) == (3, *WIDE) and sample[SIZES].tolist() == [64, 64, 24, 0, *WIDE]  # 88x88, centre 40 rows
 
 
 def test_a_wide_image_keeps_what_a_square_centre_crop_loses(tmp_path):
@@ -182,6 +214,17 @@ def test_cached_batches_equal_uncached_ones_and_survive_the_disk(tmp_path, embed
         assert torch.equal(cached["conditioning"].encoder_hidden_states, uncached["conditioning"].encoder_hidden_states)
         assert torch.equal(from_disk["latents"], cached["latents"]) and torch.equal(from_disk["sizes"], cached["sizes"])
     assert shapes == {(10, 22), (22, 10), (16, 16)}  # latents of the three buckets (the embedded VAE's factor is 4)
+    # Class images in every bucket: cached class batches equal uncached ones too.
+    class_records = find_records(DataConfig(path=str(_write_class_images(tmp_path / "classes", 2)), caption="a thing"))
+    records, targets = buckets.spread_class_records(class_records, dataset.targets, lambda line: None)
+    class_set = TrainingSet(records, 64, "center", True, 4, targets=targets)
+    class_cache = encode_dataset(class_set, embedded, [], with_text=True, flip=True, batch_size=4)
+    for micro, bucket in enumerate((WIDE, TALL, SQUARE)):
+        get = lambda c: _get_batch(state, class_set, c, [micro], torch.Generator().manual_seed(micro), bucket)  # noqa: E731
+        cached, uncached = get(class_cache), get(None)
+        assert tuple(cached["latents"].shape) == (1, 4, bucket[0] // 4, bucket[1] // 4)
+        torch.testing.assert_close(cached["latents"], uncached["latents"], rtol=0, atol=1e-5)
+        assert torch.equal(cached["sizes"], uncached["sizes"]) and cached["sizes"][0, 4:].tolist() == list(bucket)
 
 
 def test_sdxl_time_ids_carry_the_original_size_and_the_buckets_crop(tmp_path, tiny_sdxl):
@@ -207,6 +250,33 @@ def test_sdxl_time_ids_carry_the_original_size_and_the_buckets_crop(tmp_path, ti
     finally:
         hook.remove()
     assert seen[0] == ((1, 4, 10, 22), [[48, 100, 1, 0, 40, 88]])
+
+
+def test_sdxl_class_images_time_ids_carry_their_own_size_and_the_buckets_crop(tmp_path, tiny_sdxl):
+    """A 60x60 class image trains in its instance batch's 88x40 bucket: resized to 88x88 and
+    cropped 24 px at the top, which its time_ids say beside the instance image's."""
+    from condkit.base import load_base
+    from condkit.train.config import load_recipe
+    from condkit.train.loop import train
+
+    data, classes = tmp_path / "data", tmp_path / "classes"
+    data.mkdir(), classes.mkdir()
+    Image.fromarray(np.full((48, 100, 3), 200, dtype=np.uint8)).save(data / "a.png")
+    (data / "a.txt").write_text("a grey picture")
+    Image.fromarray(np.full((60, 60, 3), 90, dtype=np.uint8)).save(classes / "class-00000.png")
+    base = load_base(tiny_sdxl)
+    seen = []
+    hook = base.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((tuple(args[0].shape), kwargs["added_cond_kwargs"]["time_ids"].tolist())), with_kwargs=True
+    )
+    overrides = [f"base={tiny_sdxl}", f"data.path={data}", f"data.prior_path={classes}", "data.prior_prompt=[a picture]", "data.prior_count=1",
+                 "data.flip=false", "data.aspect_buckets=true", "train.max_steps=1", "train.batch_size=1", "adapter.rank=4",
+                 "validation.every=0", "validation.prompts=[]"]
+    try:
+        train(load_recipe("lora-few-images", overrides), tmp_path / "run", show_progress=False, base=base)
+    finally:
+        hook.remove()
+    assert seen[0] == ((2, 4, 10, 22), [[48, 100, 1, 0, 40, 88], [60, 60, 24, 0, 40, 88]])
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +313,77 @@ def test_lora_trains_on_non_square_images_one_bucket_per_batch(lora_run):
     weights = load_state_dict(lora_run.out / "pytorch_lora_weights.safetensors")
     ups = [v for k, v in weights.items() if "lora_B" in k]
     assert ups and all(torch.isfinite(v).all() for v in ups) and any(torch.count_nonzero(v) for v in ups)
+
+
+PRIOR_SHAPES = [(50, 100)] * 3 + [(100, 46), (70, 70)]  # 3 wide, 1 tall, 1 square: batches of 2 + 1, 1, 1
+
+
+def _prior_recipe(folder: Path, classes: Path, **train):
+    return recipe_from_dict({
+        "adapter": {"kind": "lora", "rank": 4},
+        "data": {"path": str(folder), "aspect_buckets": True, "crop": "random", "flip": True,
+                 "prior_path": str(classes), "prior_prompt": ["a thing"], "prior_count": 3, "prior_loss_weight": 0.5},
+        "train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-3, "checkpoint_every": 2, **train},
+        "seed": 1,
+    })
+
+
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory):
+    """Four LoRA steps (one epoch) on five images of the three buckets with three square class
+    images (uncached: random crops): the log, the class set, each U-Net call's latents and prompts."""
+    from condkit.base import load_base
+    from condkit.train.loop import train
+
+    tmp = tmp_path_factory.mktemp("prior")
+    folder, classes = _write_images(tmp / "images", PRIOR_SHAPES), _write_class_images(tmp / "classes")
+    base = load_base("embedded")  # its own: the run leaves its LoRA attached
+    calls = []  # per U-Net call: latents (b, 4, h, w), prompt hidden states (b, 77, d)
+    hook = base.unet.register_forward_pre_hook(lambda module, args: calls.append((args[0].detach().clone(), args[2].detach().clone())))
+    seen = {}
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            out = train(_prior_recipe(folder, classes), tmp / "run", show_progress=False, base=base,
+                        callbacks=[types.SimpleNamespace(on_setup_end=lambda state: seen.update(class_set=state.class_set))])
+    finally:
+        hook.remove()
+    return types.SimpleNamespace(out=out, log=log.getvalue(), calls=calls, class_set=seen["class_set"], folder=folder, classes=classes)
+
+
+def test_prior_preservation_with_buckets_draws_each_class_batch_from_its_instance_batchs_bucket(prior_run):
+    lines = prior_run.log.splitlines()
+    assert "condkit: buckets (width x height): 88x40 (3 images), 40x88 (1), 64x64 (1)" in lines
+    assert "condkit: class images: each of the 3 is resized and cropped to every bucket of the training images (width x height: 40x88, 64x64, 88x40)" in lines
+    assert collections.Counter(prior_run.class_set.targets) == {WIDE: 3, TALL: 3, SQUARE: 3}
+    # One epoch (2 + 1 + 1 batches of at most 2): each U-Net call holds k instance samples, then
+    # k class samples of the same latent shape (k = 1 for a bucket's last batch of one image).
+    per_bucket = collections.Counter()
+    for latents, hidden in prior_run.calls:
+        k = len(latents) // 2
+        assert len(latents) == 2 * k and k in (1, 2)
+        per_bucket[(latents.shape[2] * 4, latents.shape[3] * 4)] += k  # the embedded VAE's factor is 4
+        # the second half is the class images: all prompted "a thing", unlike every training image
+        assert all(torch.equal(row, hidden[k]) for row in hidden[k:])
+        assert not any(torch.equal(row, hidden[k]) for row in hidden[:k])
+    assert per_bucket == {WIDE: 3, TALL: 1, SQUARE: 1} and len(prior_run.calls) == 4
+
+
+def test_prior_preservation_with_buckets_resumes_bit_identically(prior_run, tmp_path):
+    """The run stopped after its step-2 checkpoint and resumed gives the uninterrupted run's weights."""
+    import shutil
+
+    from condkit.train.loop import train
+
+    resumed = tmp_path / "resumed"
+    checkpoint = prior_run.out / "checkpoints" / "step-00000002"
+    shutil.copytree(checkpoint, resumed / "checkpoints" / checkpoint.name)
+    train(_prior_recipe(prior_run.folder, prior_run.classes), resumed, resume="latest", show_progress=False)
+    a = load_state_dict(prior_run.out / "pytorch_lora_weights.safetensors")
+    b = load_state_dict(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def _condkit(*args):

@@ -14,6 +14,13 @@ batch ``p // batch_size`` of the stream, and an epoch's batches are drawn from
 ``batch_size``, the last one of a bucket possibly smaller, then the batches shuffled), so
 every image is seen once per epoch, every process's micro-batch is one bucket's, and a
 resumed run draws the same batches as an uninterrupted one.
+
+Prior preservation (``data.prior_prompt``) puts each step's class batch after its
+instance batch, so the two must have one latent shape. Every class image (generated
+square from the base, or read from ``data.prior_path``) is therefore put in every bucket
+the training images use, resized and cropped to it like a training image (kohya crops its
+regularisation images to their bucket the same way), and a step's class batch is drawn
+from the class images of its instance batch's bucket, as many as the instance batch has.
 """
 
 from __future__ import annotations
@@ -118,10 +125,8 @@ def assign_buckets(records: list, data, resolution: int, vae_factor: int, say: C
         say: where the one line naming the buckets goes (the main process's print).
 
     Raises:
-        UserError: a bad ``data.bucket_step``, or prior preservation asked for too.
+        UserError: a bad ``data.bucket_step``.
     """
-    if data.prior_prompt:
-        raise UserError("data.aspect_buckets: true does not work with data.prior_prompt (class images are square); turn one of them off")
     buckets = make_buckets(resolution, bucket_step(resolution, vae_factor, data.bucket_step))
     sizes: dict[Any, tuple[int, int]] = {}  # repeats list one image several times: read its header once
     targets = []
@@ -132,6 +137,36 @@ def assign_buckets(records: list, data, resolution: int, vae_factor: int, say: C
         targets.append(nearest_bucket(*sizes[key], buckets))
     say(f"condkit: {describe(targets)}")
     return tuple(targets)
+
+
+def spread_class_records(records: list, targets: tuple[Bucket, ...], say: Callable[[str], None] = print) -> tuple[list, tuple[Bucket, ...]]:
+    """Prior preservation with buckets: every class image once in every bucket the training images use.
+
+    The copies are bucket-major (all class images in the first bucket, then all in the
+    next, ...), so class image ``j`` in a bucket is sample ``bucket_members(...)[j]``.
+
+    Args:
+        records: the class-image records (:func:`condkit.train.prior.prior_records`).
+        targets: each training image's bucket (:func:`assign_buckets`).
+        say: where the one line naming the class images' buckets goes.
+
+    Returns:
+        ``(records, targets)`` of the class set: ``len(records) * buckets used`` samples each.
+    """
+    used = sorted(set(targets), key=lambda bucket: bucket[1] / bucket[0])  # widest last, as describe() breaks ties
+    shapes = ", ".join(f"{w}x{h}" for h, w in used)
+    say(f"condkit: class images: each of the {len(records)} is resized and cropped to every bucket of the training images (width x height: {shapes})")
+    return [record for _ in used for record in records], tuple(bucket for bucket in used for _ in records)
+
+
+def bucket_members(targets: tuple[Bucket, ...], bucket: Bucket) -> list[int]:
+    """The sample indices in ``bucket``, in order (a class set's class image ``j`` there is the ``j``-th).
+
+    Args:
+        targets: each sample's bucket.
+        bucket: the bucket.
+    """
+    return [index for index, target in enumerate(targets) if target == bucket]
 
 
 def describe(targets: list[Bucket] | tuple[Bucket, ...]) -> str:

@@ -82,7 +82,8 @@ class TrainState:
         noise_scheduler: the DDPM scheduler noise is added with.
         dataset: the training images.
         cache: their encodings when cached, else None.
-        class_set: prior-preservation images (``data.prior_prompt``), or None.
+        class_set: prior-preservation images (``data.prior_prompt``), or None; with aspect-ratio
+            buckets, each class image once per bucket used (:func:`condkit.train.buckets.spread_class_records`).
         class_cache: their encodings when cached, else None.
         empty: the empty prompt's conditioning (batch 1), for caption dropout.
         weight_dtype: the dtype of the frozen weights (mixed precision).
@@ -267,6 +268,9 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
     if data_cfg.aspect_buckets:
         targets = buckets.assign_buckets(records, data_cfg, data_cfg.resolution or base.resolution, base.vae_scale_factor, accelerator.print)
     class_records = prior_records(data_cfg, base, output_dir, recipe.seed) if data_cfg.prior_prompt else []
+    class_targets = None  # with buckets: class images in every bucket used, so a class batch takes its instance batch's shape
+    if class_records and targets is not None:
+        class_records, class_targets = buckets.spread_class_records(class_records, targets, accelerator.print)
     adapter = adapter_cls(recipe.adapter.config, name="default")
     adapter.attach(base)
     all_adapters = [*frozen_adapters, adapter]
@@ -296,7 +300,7 @@ def _setup(recipe, output_dir: Path, resume: str | None, overwrite: bool, hold: 
     if size % base.vae_scale_factor:
         raise UserError(f"data.resolution = {size} must be a multiple of the VAE factor {base.vae_scale_factor}")
     dataset = TrainingSet(records, size, data_cfg.crop, data_cfg.flip, recipe.seed, targets=targets, inputs=masks_lib.training_inputs(cfg.masked_loss))
-    class_set = TrainingSet(class_records, size, "center", data_cfg.flip, recipe.seed + 1) if class_records else None
+    class_set = TrainingSet(class_records, size, "center", data_cfg.flip, recipe.seed + 1, targets=class_targets) if class_records else None
     dataset.check_all()  # a corrupt image fails now, before any work
     cache = class_cache = None
     # Captions that vary per step (data.shuffle_captions, data.tag_dropout) are encoded each step; latents stay cached.
@@ -445,7 +449,11 @@ def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
     positions = [state.start_sample + p for p in _batch_positions(micro_batch, cfg.batch_size, world, rank)]
     batch = _get_batch(state, state.dataset, state.cache, positions, generator)
     if state.class_set is not None:  # prior preservation: class images make the second half
-        class_batch = _get_batch(state, state.class_set, state.class_cache, positions, generator)
+        # With buckets: as many class images as the instance batch (a bucket's last batch may
+        # be smaller), from its bucket (sizes (b, 6) end with the bucket's height and width).
+        count = len(batch["sizes"])
+        bucket = tuple(batch["sizes"][0, 4:].tolist()) if state.class_set.targets is not None else None
+        class_batch = _get_batch(state, state.class_set, state.class_cache, positions[:count], generator, bucket)
         batch = {k: _concat(batch[k], class_batch[k]) for k in batch}
     latents = batch["latents"].to(device, state.weight_dtype)  # (b, 4, h/f, w/f)
     conditioning = batch["conditioning"].to(device)  # the family's: SD (b, 77, d) hidden states
@@ -765,22 +773,43 @@ def _epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
-def _get_batch(state: TrainState, dataset: TrainingSet, cache: EncodedSet | None, positions: list[int], generator) -> dict:
+def _sample_indices(dataset: TrainingSet, positions: list[int], bucket: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
+    """The sample indices at data-stream ``positions``, and each one's epoch.
+
+    Args:
+        dataset: the training images or the class images.
+        positions: this process's positions in the data stream.
+        bucket: for class images with aspect-ratio buckets, the instance batch's bucket:
+            the class images are drawn as without buckets, each as its copy in that bucket.
+    """
+    if bucket is not None:
+        members = buckets.bucket_members(dataset.targets, bucket)  # class image j in the bucket is sample members[j]
+        indices, epochs = _shuffled(len(members), dataset.seed, positions)
+        return [members[i] for i in indices], epochs
+    if dataset.targets is not None:  # aspect-ratio buckets: the micro-batch is one bucket's batch (maybe a smaller last one)
+        return buckets.batch_at(dataset.targets, len(positions), dataset.seed, positions[0] // len(positions))
+    return _shuffled(len(dataset), dataset.seed, positions)
+
+
+def _shuffled(n: int, seed: int, positions: list[int]) -> tuple[list[int], list[int]]:
+    """Indices and epochs of ``positions`` in an endless stream of shuffled epochs of ``n`` samples."""
+    epochs = [position // n for position in positions]
+    return [_epoch_order(n, epoch, seed)[position % n] for position, epoch in zip(positions, epochs)], epochs
+
+
+def _get_batch(state: TrainState, dataset: TrainingSet, cache: EncodedSet | None, positions: list[int], generator,
+               bucket: tuple[int, int] | None = None) -> dict:
     """Latents, prompt conditioning and adapter extras for the samples at ``positions``.
+
+    Args:
+        bucket: for the class images with aspect-ratio buckets, the instance batch's
+            bucket (see :func:`_sample_indices`); else None.
 
     Returns:
         ``latents`` (b, 4, h/f, w/f), ``conditioning`` (the family's, batch b) and
         ``extras`` (name -> (b, ...)).
     """
-    n = len(dataset)
-    if dataset.targets is not None:  # aspect-ratio buckets: the micro-batch is one bucket's batch (maybe a smaller last one)
-        indices, epochs = buckets.batch_at(dataset.targets, len(positions), dataset.seed, positions[0] // len(positions))
-    else:
-        indices, epochs = [], []
-        for position in positions:
-            epoch = position // n
-            indices.append(_epoch_order(n, epoch, dataset.seed)[position % n])
-            epochs.append(epoch)
+    indices, epochs = _sample_indices(dataset, positions, bucket)
     flips = [dataset.flip and random.Random(hash((dataset.seed, e, i))).random() < 0.5 for i, e in zip(indices, epochs)]
     base, family, masked = state.base, state.family, state.recipe.train.masked_loss
     # data.shuffle_captions / tag_dropout: the training images' captions vary with (seed, position); class prompts do not
