@@ -4,8 +4,10 @@ A base belongs to a model family (:mod:`condkit.families`), told from
 its U-Net config before loading; the family names the diffusers pipeline class that
 loads it. A base comes from (a) a local diffusers folder (that pipeline's layout),
 (b) a single original-format checkpoint (``.safetensors``, or ``.ckpt`` read weights-only)
-through diffusers' single-file loading with a local config folder, or (c) ``embedded``:
-the tiny SD-architecture base shipped inside the package. Nothing here downloads.
+through diffusers' single-file loading with a local config folder, (c) ``embedded``:
+the tiny SD-architecture base shipped inside the package, or (d) ``embedded-sdxl``: its
+SDXL-architecture sibling, once trained and installed (condkit/embedded/TRAINING-sdxl.md).
+Nothing here downloads.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ import inspect
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from condkit.embedded import EMBEDDED_BASE_DIR
+from condkit.embedded import EMBEDDED_BASE_DIR, EMBEDDED_SDXL_BASE_DIR, SDXL_TRAINING_DOC
 from condkit.errors import UserError
 from condkit.io import atomic_folder
 
 EMBEDDED = "embedded"
+EMBEDDED_SDXL = "embedded-sdxl"
+EMBEDDED_BASES = (EMBEDDED, EMBEDDED_SDXL)  # the base names that mean a folder shipped in the package
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pth", ".pt")
 
@@ -40,6 +44,9 @@ class BaseModel:
         image_encoder, feature_extractor: CLIP vision encoder for IP-Adapter (optional).
         text_encoder_2, tokenizer_2: a second text encoder and its tokenizer, for
             families that have one (diffusers' component names); None otherwise.
+        pipeline_options: the loaded pipeline's settings that are not models, from its
+            ``model_index.json`` (e.g. SDXL's ``force_zeros_for_empty_prompt``), so
+            :meth:`pipeline` samples as the stock pipeline loaded from that folder does.
     """
 
     source: str
@@ -52,6 +59,7 @@ class BaseModel:
     feature_extractor: Any = None
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    pipeline_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -130,7 +138,7 @@ class BaseModel:
             safety_checker=None,
             requires_safety_checker=False,
         )
-        parts.update(components)
+        parts = {**self.pipeline_options, **parts, **components}  # the folder's settings, then the models
         cls = self.family.pipeline_class("text2image", pipeline_variant(parts))
         # Not every pipeline class takes every module of the base (e.g. some have no image
         # encoder); the base's own go unused there, an adapter's missing is an error.
@@ -164,7 +172,8 @@ def load_base(spec: str | os.PathLike = EMBEDDED, config: str | os.PathLike | No
     """Load a base model, offline.
 
     Args:
-        spec: ``"embedded"``, a diffusers folder, or a single ``.safetensors``/``.ckpt`` file.
+        spec: ``"embedded"``, ``"embedded-sdxl"``, a diffusers folder, or a single
+            ``.safetensors``/``.ckpt`` file.
         config: for a single file, a local diffusers folder giving the component configs
             and tokenizer (e.g. an SD 1.5 diffusers folder); needed to work offline.
 
@@ -174,8 +183,8 @@ def load_base(spec: str | os.PathLike = EMBEDDED, config: str | os.PathLike | No
     Raises:
         UserError: the path does not exist or is not a base condkit can read.
     """
-    if str(spec) == EMBEDDED:
-        return _load_folder(EMBEDDED_BASE_DIR, source=EMBEDDED)
+    if str(spec) in EMBEDDED_BASES:
+        return _load_folder(embedded_folder(str(spec)), source=str(spec))
     path = Path(spec)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -185,7 +194,27 @@ def load_base(spec: str | os.PathLike = EMBEDDED, config: str | os.PathLike | No
         return _load_single_file(path, config)
     if path.is_file():
         raise UserError(f"{path}: a base must be a diffusers folder or a .safetensors/.ckpt checkpoint")
-    raise UserError(f"base {str(spec)!r}: no such file or folder (use 'embedded', a diffusers folder or a checkpoint file)")
+    raise UserError(f"base {str(spec)!r}: no such file or folder (use 'embedded', 'embedded-sdxl', a diffusers folder or a checkpoint file)")
+
+
+def embedded_folder(name: str = EMBEDDED) -> Path:
+    """The package folder of an embedded base.
+
+    Args:
+        name: ``"embedded"`` (SD architecture) or ``"embedded-sdxl"``.
+
+    Raises:
+        UserError: another name, or the SDXL base is not trained and installed yet (the
+            package ships no untrained weights as if they were the base).
+    """
+    # Each name's folder and the notes saying how its weights are made.
+    folders = {EMBEDDED: (EMBEDDED_BASE_DIR, "condkit/embedded/base/TRAINING.md"), EMBEDDED_SDXL: (EMBEDDED_SDXL_BASE_DIR, SDXL_TRAINING_DOC)}
+    if name not in folders:
+        raise UserError(f"embedded base {name!r}: unknown (use one of {', '.join(EMBEDDED_BASES)})")
+    folder, notes = folders[name]
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"base {name!r}: not trained yet (no {folder}); build, train and install it with the commands in {notes}, section 'Commands'")
+    return folder
 
 
 def _load_folder(path: Path, source: str) -> BaseModel:
@@ -315,27 +344,38 @@ def _from_pipeline(pipe, source: str, folder: Path) -> BaseModel:
         feature_extractor=feature_extractor,
         text_encoder_2=getattr(pipe, "text_encoder_2", None),
         tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        pipeline_options=_pipeline_options(pipe),
     )
     base.freeze()
     return base
 
 
-def export_embedded(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the embedded base as a standard diffusers folder.
+def _pipeline_options(pipe) -> dict[str, Any]:
+    """The settings of a loaded pipeline that are not components (``requires_safety_checker``,
+    SDXL's ``force_zeros_for_empty_prompt``), as its ``model_index.json`` gave them."""
+    _, optional = type(pipe)._get_signature_keys(pipe)
+    return {name: pipe.config[name] for name in optional if name in pipe.config}
 
-    ``StableDiffusionPipeline.from_pretrained(out_dir)`` then works in a plain diffusers
-    install. The copy is made in a temporary folder beside ``out_dir`` and renamed
-    into place, so an interruption leaves no half-written base.
+
+def export_embedded(out_dir: str | os.PathLike, overwrite: bool = False, name: str = EMBEDDED) -> Path:
+    """Write an embedded base as a standard diffusers folder.
+
+    ``StableDiffusionPipeline.from_pretrained(out_dir)`` (``StableDiffusionXLPipeline``
+    for ``embedded-sdxl``) then works in a plain diffusers install. The copy is made in a
+    temporary folder beside ``out_dir`` and renamed into place, so an interruption leaves
+    no half-written base.
 
     Args:
         out_dir: destination folder; must not exist unless ``overwrite``.
         overwrite: replace an existing folder.
+        name: ``"embedded"`` or ``"embedded-sdxl"`` (:func:`embedded_folder`).
     """
+    source = embedded_folder(name)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UserError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     with atomic_folder(out_dir) as tmp:
-        shutil.copytree(EMBEDDED_BASE_DIR, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     return out_dir
 
 

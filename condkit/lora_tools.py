@@ -291,10 +291,10 @@ def tuned_kind(spec: str | Path) -> str:
     Raises:
         UserError: it is neither.
     """
-    from condkit.base import EMBEDDED
+    from condkit.base import EMBEDDED_BASES
 
     path = Path(spec)
-    if str(spec) == EMBEDDED or path.is_file() or (path / "model_index.json").is_file():
+    if str(spec) in EMBEDDED_BASES or path.is_file() or (path / "model_index.json").is_file():
         return "base"
     if path.is_dir() and ((path / "unet").is_dir() or (path / "config.json").is_file()):
         return "full_unet"

@@ -15,13 +15,15 @@ def add_parser(subparsers) -> None:
         "export",
         help="write the embedded base as a standard diffusers folder",
         description="Write the embedded tiny base as a diffusers folder that StableDiffusionPipeline.from_pretrained(DIR) loads "
-        "in a plain diffusers install (image_encoder/ included, for IP-Adapter).",
+        "in a plain diffusers install (image_encoder/ included, for IP-Adapter); --base embedded-sdxl writes the SDXL one "
+        "(StableDiffusionXLPipeline) once it is trained and installed.",
     )
     export.add_argument("dir", type=Path, help="destination folder (must not exist unless --overwrite)")
+    export.add_argument("--base", default="embedded", help="which embedded base: embedded (default) or embedded-sdxl")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     export.set_defaults(run=run_export)
     info = actions.add_parser("info", help="describe a base", description="Load a base offline and print its model family and sizes.")
-    info.add_argument("spec", nargs="?", default="embedded", help="'embedded', a diffusers folder, or a checkpoint file")
+    info.add_argument("spec", nargs="?", default="embedded", help="'embedded', 'embedded-sdxl', a diffusers folder, or a checkpoint file")
     info.add_argument("--base-config", help="local diffusers folder with configs, for a single-file base")
     info.set_defaults(run=run_info)
 
@@ -30,8 +32,8 @@ def run_export(args: argparse.Namespace) -> int:
     """Export the embedded base."""
     from condkit.base import export_embedded
 
-    out = export_embedded(args.dir, overwrite=args.overwrite)
-    print(f"condkit: embedded base written to {out.resolve()}")
+    out = export_embedded(args.dir, overwrite=args.overwrite, name=args.base)
+    print(f"condkit: {args.base} base written to {out.resolve()}")
     return 0
 
 
