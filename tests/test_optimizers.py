@@ -1,8 +1,10 @@
-"""train.optimizer (adamw fused, prodigy, adafactor) and LoRA+ (train.lora_plus_ratio), issue 17.
+"""train.optimizer (adamw fused, adamw8bit, prodigy, adafactor) and LoRA+ (train.lora_plus_ratio), issue 17.
 
 * adamw runs torch's fused kernel where the device has one, the same update as the
-  unfused one; prodigy adapts its step size and learns; adafactor runs at the fixed
-  learning rate with factored second moments (less state than Adam's for a 2-D weight);
+  unfused one; adamw8bit keeps 8-bit moments for the LoRA matrices of 4096 elements and
+  more (a quarter of AdamW's bytes) and trains as adamw does; prodigy adapts its step
+  size and learns; adafactor runs at the fixed learning rate with factored second
+  moments (less state than Adam's for a 2-D weight);
 * every optimizer's state round-trips a checkpoint: a resumed run equals an
   uninterrupted one bit for bit, in process and after kill -9 (the kill -9 test of the
   default, fused adamw is tests/test_reliability.py);
@@ -190,6 +192,115 @@ def test_adafactor_learns():
     assert loss_of().item() < 0.5 * first
 
 
+# ---- adamw8bit: bitsandbytes' 8-bit AdamW ---------------------------------------------
+# bitsandbytes keeps 32-bit state for tensors under min_8bit_size (4096) elements. The
+# embedded base's LoRA matrices have 192 elements at most at rank 2, so these runs use
+# rank 64: the larger matrices reach the threshold, the rest stay under it.
+BNB_MIN_8BIT_SIZE = 4096
+RAW_8BIT = {"adapter": {"rank": 64}, "max_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-3}
+
+
+class Losses(TrainCallback):
+    """Each step's training loss."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_step_end(self, state):
+        self.losses.append(state.loss)
+
+
+def _recipe_8bit(folder: Path, optimizer: str):
+    return recipe_from_dict(_raw(folder, optimizer=optimizer, **RAW_8BIT))
+
+
+@pytest.fixture(scope="module")
+def adamw8bit_runs(image_folder, tmp_path_factory):
+    """The same rank-64 LoRA run with adamw8bit and with adamw: (Seen, losses, LoRA, output folder) each.
+
+    The data order, noise and timesteps of each step are seeded by (seed, step), so both
+    runs see the same batches: their differences are the optimizers'.
+    """
+    runs = {}
+    for optimizer in ("adamw8bit", "adamw"):
+        seen, losses = Seen(), Losses()
+        out = tmp_path_factory.mktemp(optimizer)
+        train(_recipe_8bit(image_folder, optimizer), out, show_progress=False, callbacks=[seen, losses])
+        runs[optimizer] = (seen, losses.losses, _lora(out), out)
+    return runs
+
+
+def test_adamw8bit_keeps_8bit_state_for_the_large_lora_matrices(adamw8bit_runs):
+    seen = adamw8bit_runs["adamw8bit"][0]
+    assert type(seen.optimizer).__name__ == "AdamW8bit"
+    sizes = {seen.names[id(p)]: p.numel() for group in seen.optimizer.param_groups for p in group["params"]}
+    large = [name for name, size in sizes.items() if size >= BNB_MIN_8BIT_SIZE]
+    small = [name for name, size in sizes.items() if size < BNB_MIN_8BIT_SIZE]
+    assert large and small
+    for name in large:
+        state = seen.final_state[name]
+        assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8, name  # 1 byte per moment
+        assert state["absmax1"].dtype == torch.float32 and state["absmax1"].numel() == -(-sizes[name] // 256), name  # a scale per 256-block
+        assert state["step"] == RAW_8BIT["max_steps"]
+    for name in small:
+        assert seen.final_state[name]["state1"].dtype == torch.float32 and "absmax1" not in seen.final_state[name], name
+    adam = adamw8bit_runs["adamw"][0].final_state
+    eight = sum(v.numel() * v.element_size() for name in large for key, v in seen.final_state[name].items() if key in ("state1", "state2"))
+    full = sum(v.numel() * v.element_size() for name in large for key, v in adam[name].items() if key in ("exp_avg", "exp_avg_sq"))
+    assert eight * 4 == full  # the two moments in a quarter of AdamW's bytes
+
+
+def test_adamw8bit_moves_the_weights_and_the_loss_as_adamw_does(adamw8bit_runs):
+    (_, eight_losses, eight, _), (_, adam_losses, adam, _) = adamw8bit_runs["adamw8bit"], adamw8bit_runs["adamw"]
+    assert eight.keys() == adam.keys()
+    b_keys = [k for k in eight if "lora_B" in k]
+    eight_b = torch.cat([eight[k].flatten() for k in b_keys])  # B starts at zero: this is the update
+    adam_b = torch.cat([adam[k].flatten() for k in b_keys])
+    assert eight_b.abs().max() > 0 and not torch.equal(eight_b, adam_b)  # moved, and not by a 32-bit AdamW
+    # The same update within the 8-bit moments' rounding (measured: cosine 0.99992, norm ratio 1.00001).
+    assert torch.nn.functional.cosine_similarity(eight_b, adam_b, dim=0).item() > 0.999
+    assert (eight_b.norm() / adam_b.norm()).item() == pytest.approx(1.0, abs=0.01)
+    # Each step's loss on the same batch, noise and timesteps as adamw's (measured: within 1e-4 relative).
+    assert len(eight_losses) == len(adam_losses) == RAW_8BIT["max_steps"] and eight_losses[0] == adam_losses[0]
+    for eight_loss, adam_loss in zip(eight_losses, adam_losses):
+        assert eight_loss == pytest.approx(adam_loss, rel=1e-3)
+
+
+def test_adamw8bit_resume_equals_an_uninterrupted_run(adamw8bit_runs, image_folder, tmp_path):
+    whole, _, straight_lora, straight = adamw8bit_runs["adamw8bit"]
+    resumed, restored = tmp_path / "resumed", Seen()
+    shutil.copytree(straight / "checkpoints", resumed / "checkpoints")
+    assert [p.name for p in ckpt.list_checkpoints(resumed)] == ["step-00000003"]
+    saved = torch.load(resumed / "checkpoints" / "step-00000003" / ckpt.OPTIMIZER_FILE, weights_only=True)
+    # By parameter name, the 8-bit moments, their block scales and quantile maps as bitsandbytes' state_dict nests them.
+    quant = [entry["__bnb_optimizer_quant_state__"] for entry in saved["state"].values()]
+    assert set(saved["state"]) == set(whole.final_state) and any(q["state1"].dtype == torch.uint8 and "absmax1" in q and "qmap1" in q for q in quant)
+    train(_recipe_8bit(image_folder, "adamw8bit"), resumed, resume="latest", show_progress=False, callbacks=[restored])
+    assert restored.optimizer is not whole.optimizer
+    other = _lora(resumed)
+    assert straight_lora.keys() == other.keys()
+    for key in straight_lora:
+        assert torch.equal(straight_lora[key], other[key]), key
+    assert whole.final_state.keys() == restored.final_state.keys()
+    for name, state in whole.final_state.items():
+        assert state.keys() == restored.final_state[name].keys(), name
+        for key, value in state.items():
+            again = restored.final_state[name][key]
+            assert torch.equal(value, again) if torch.is_tensor(value) else value == again, (name, key)
+
+
+def test_adamw8bit_on_the_cpu_refuses_a_bitsandbytes_before_0_50(monkeypatch):
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes, "__version__", "0.49.1")
+    with pytest.raises(UserError) as error:
+        build_optimizer("adamw8bit", [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}], 1e-3, 0.0)
+    message = str(error.value)
+    assert message.startswith("train.optimizer = 'adamw8bit' on the CPU needs bitsandbytes >= 0.50, this is 0.49.1") and "\n" not in message
+    on_meta = torch.nn.Parameter(torch.zeros(2, device="meta"))  # not the CPU: the version does not matter
+    assert type(build_optimizer("adamw8bit", [{"params": [on_meta], "lr": 1e-3}], 1e-3, 0.0)).__name__ == "AdamW8bit"
+
+
 # ---- missing packages -----------------------------------------------------------------
 @pytest.mark.parametrize(
     "kind, module, install",
@@ -204,11 +315,13 @@ def test_a_missing_package_is_one_line_naming_the_extra(monkeypatch, kind, modul
     assert message.startswith(f"train.optimizer = {kind!r} needs {module.split('.')[0]} ({install}") and "\n" not in message
 
 
-def test_pyproject_has_the_prodigy_extra_and_tests_with_it():
+def test_pyproject_has_the_prodigy_and_bnb_extras_and_tests_with_them():
     import tomllib
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(r.startswith("prodigyopt") for r in extras["prodigy"]) and any(r.startswith("prodigyopt") for r in extras["test"])
+    assert any(r.startswith("bitsandbytes") for r in extras["bnb"])
+    assert "bitsandbytes>=0.50" in extras["test"]  # the first release whose 8-bit optimizers run on the CPU
 
 
 # ---- LoRA+ ----------------------------------------------------------------------------

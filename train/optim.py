@@ -13,7 +13,13 @@ builds the optimizer:
   it there (torch's ``load_state_dict`` does, by the saved group's ``fused`` flag), so a
   resumed run repeats an uninterrupted one bit for bit. A checkpoint keeps the flags it
   was written with: a run started unfused resumes unfused.
-- ``adamw8bit``: bitsandbytes' 8-bit AdamW (``condkit[bnb]``).
+- ``adamw8bit``: bitsandbytes' 8-bit AdamW (``condkit[bnb]``): both moments of a tensor of
+  4096 elements or more kept in 8 bits (uint8, a float32 scale per 256-element block),
+  smaller tensors' in 32 (bitsandbytes' ``min_8bit_size``). On the CPU it needs
+  bitsandbytes >= 0.50, the first release with CPU optimizer kernels; older ones are
+  refused in one line. Checkpoints hold the 8-bit state as it is (bitsandbytes'
+  ``state_dict`` nests it per parameter, kept by name like any other state), so a
+  resumed run repeats an uninterrupted one bit for bit.
 - ``prodigy``: ``prodigyopt.Prodigy`` (``condkit[prodigy]``), which estimates the step
   size itself; ``train.learning_rate`` multiplies its estimate, so use 1.0. Built with
   the settings its authors recommend for diffusion models (bias correction and the
@@ -38,6 +44,8 @@ from condkit.errors import UserError
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 # Where the LoRA "B" (up) matrices are in parameter names: peft's lora_B, kohya's lora_up.
 LORA_B_MARKERS = (".lora_B.", ".lora_up.")
+# The first bitsandbytes with CPU optimizer kernels (32-bit and 8-bit blockwise).
+MIN_BNB_ON_CPU = "0.50"
 
 
 def make_optimizer(recipe, adapter, params: dict[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -109,8 +117,7 @@ def build_optimizer(kind: str, groups: list[dict[str, Any]], learning_rate: floa
     if kind == "adamw":
         return _adamw(groups, learning_rate, weight_decay)
     if kind == "adamw8bit":
-        bnb = _import("bitsandbytes", "adamw8bit", "pip install 'condkit[bnb]'")
-        return bnb.optim.AdamW8bit(groups, lr=learning_rate, weight_decay=weight_decay)
+        return _adamw8bit(groups, learning_rate, weight_decay)
     if kind == "prodigy":
         return _prodigy(groups, learning_rate, weight_decay)
     if kind == "adafactor":
@@ -129,6 +136,21 @@ def _adamw(groups: list[dict[str, Any]], learning_rate: float, weight_decay: flo
     devices = _get_fused_kernels_supported_devices()
     fused = all(p.device.type in devices and torch.is_floating_point(p) for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, fused=fused or None)
+
+
+def _adamw8bit(groups: list[dict[str, Any]], learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit; refused in one line for CPU parameters before bitsandbytes 0.50."""
+    from packaging.version import Version
+
+    bnb = _import("bitsandbytes", "adamw8bit", "pip install 'condkit[bnb]'")
+    on_cpu = any(p.device.type == "cpu" for group in groups for p in group["params"])
+    # Before 0.50 bitsandbytes has no CPU optimizer kernels: the first step would fail deep inside it.
+    if on_cpu and Version(bnb.__version__) < Version(MIN_BNB_ON_CPU):
+        raise UserError(
+            f"train.optimizer = 'adamw8bit' on the CPU needs bitsandbytes >= {MIN_BNB_ON_CPU}, this is {bnb.__version__}: "
+            "pip install -U bitsandbytes, or use adamw"
+        )
+    return bnb.optim.AdamW8bit(groups, lr=learning_rate, weight_decay=weight_decay)
 
 
 def _prodigy(groups: list[dict[str, Any]], learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
