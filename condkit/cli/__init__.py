@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -47,7 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if not args.debug:
+        quiet_optional_libraries()
     return report_user_errors(lambda: int(args.run(args) or 0), args.debug)
+
+
+def quiet_optional_libraries() -> None:
+    """Keep optional libraries' import-time notices off stderr, so an error stays one line.
+
+    bitsandbytes (``condkit[bnb]``; peft imports it whenever it is installed) warns on
+    every CPU import that an optional ``kernels`` package is missing, through a logger
+    without handlers, which Python prints to stderr. Its errors still show; ``--debug``
+    shows the warnings too.
+    """
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def entry_point() -> None:
