@@ -72,4 +72,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from condkit.errors import report_user_errors
+
+    raise SystemExit(report_user_errors(main, False))  # a base that is not installed yet: one line, not a traceback
