@@ -4,9 +4,8 @@ The embedded base draws circles, squares and triangles in six colours. A concept
 is a fourth shape named by a trigger word: the shipped set (``fewshot/sks_ring/``) shows
 rings in the base's own colours captioned ``a {colour} sks on a {background}
 background``. A concept can also bring a colour the base never drew (``--colours orange
-black``: :data:`NEW_COLOURS`), such as an orange star. The shipped embedded VAE (stage 1)
-cannot show such a colour; the stage-1b VAE (``recipes/base/weights/vae-colours-3``, not
-shipped yet: condkit/embedded/base/TRAINING.md) can, and a LoRA learned one on it.
+black``: :data:`NEW_COLOURS`), such as an orange cross: the embedded base's VAE round-trips
+any colour (condkit/embedded/base/TRAINING.md), so a LoRA can learn one.
 
 Regenerate the shipped set (deterministic PNGs)::
 
@@ -15,9 +14,9 @@ Regenerate the shipped set (deterministic PNGs)::
 make another concept of the same kind, given as a user gives theirs: images and one
 caption (what the generalisation test does)::
 
-    python -m condkit.train.fewshot_data /tmp/zwx_cross --trigger zwx --concept cross --no-captions --colours white black --seed 5
-    condkit train lora-few-images --set data.path=/tmp/zwx_cross --set data.caption="a white zwx on a black background" --output runs/zwx
-    python -m condkit.train.fewshot_data runs/zwx --measure --trigger zwx --concept cross --colours white black --seeds 4
+    python -m condkit.train.fewshot_data /tmp/zwx_cross --trigger zwx --concept cross --no-captions --colours orange black --seed 5
+    condkit train lora-few-images --set data.path=/tmp/zwx_cross --set data.caption="a orange zwx on a black background" --output runs/zwx
+    python -m condkit.train.fewshot_data runs/zwx --measure --trigger zwx --concept cross --colours orange black --seeds 4
 
 and measure a trained LoRA (trigger prompts show the ring, plain prompts keep the base's shapes)::
 
