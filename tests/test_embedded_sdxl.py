@@ -1,10 +1,12 @@
-"""The embedded SDXL base up to its training run: build, U-Net recipe, install, ``embedded-sdxl``.
+"""The embedded SDXL base: build, U-Net recipe, install, ``embedded-sdxl``, and adapters on it.
 
 The folder ``python -m condkit.embedded.build_sdxl`` writes (untrained) is a plain
 ``StableDiffusionXLPipeline`` folder that condkit loads as the SDXL family; the U-Net
 recipe trains on it (two steps here) and the install step turns build + run into the
-package's ``base_sdxl/`` (a temporary destination here). Until that is installed,
-``base: embedded-sdxl`` is one line pointing at the training notes.
+package's ``base_sdxl/`` (a temporary destination here). Without an installed
+``base_sdxl/``, ``base: embedded-sdxl`` is one line pointing at the training notes. The
+installed base's prompt following is tested in tests/test_embedded_base_quality.py; here the
+shipped recipes train LoRA, ControlNet and IP-Adapter on it and stock SDXL pipelines load them.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def test_built_folder_loads_in_stock_sdxl_pipeline_and_as_the_sdxl_family(built)
     stock = StableDiffusionXLPipeline.from_pretrained(built, local_files_only=True)
     stock.set_progress_bar_config(disable=True)
     assert type(stock.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert type(stock.image_encoder).__name__ == "CLIPVisionModelWithProjection"  # for IP-Adapters
     assert stock.unet.config.addition_embed_type == "text_time" and not stock.config.force_zeros_for_empty_prompt
     assert _sample(stock).shape == (1, 64, 64, 3)  # native size: sample_size 16 x VAE factor 4
     # What benchmarks/embedded_base_quality.py does with the folder: the class model_index.json names.
@@ -71,8 +74,9 @@ def test_built_folder_loads_in_stock_sdxl_pipeline_and_as_the_sdxl_family(built)
     assert size < 20e6, size  # untrained folder about 16 MB (U-Net 11.5 MB, VAE 2.7 MB)
 
 
-def test_vae_and_tokenizers_are_the_sd_base_files(built):
-    for sub, source in (("vae", "vae"), ("tokenizer", "tokenizer"), ("tokenizer_2", "tokenizer")):
+def test_vae_tokenizers_and_image_encoder_are_the_sd_base_files(built):
+    pairs = ("vae", "vae"), ("tokenizer", "tokenizer"), ("tokenizer_2", "tokenizer"), ("image_encoder", "image_encoder"), ("feature_extractor", "feature_extractor")
+    for sub, source in pairs:
         files = sorted(p.name for p in (EMBEDDED_BASE_DIR / source).iterdir() if p.is_file())
         assert sorted(p.name for p in (built / sub).iterdir()) == files, sub
         for name in files:
@@ -165,3 +169,41 @@ def test_sdxl_training_notes_give_the_commands_this_package_has():
     for command in ("python -m condkit.embedded.build_sdxl", "condkit train recipes/base/unet-sdxl.yaml",
                     "benchmarks/embedded_base_quality.py", "python -m condkit.embedded.install --sdxl"):
         assert command in notes, command
+
+
+def test_shipped_recipes_train_on_embedded_sdxl_and_stock_sdxl_pipelines_load_the_results(tmp_path):
+    """LoRA, ControlNet and IP-Adapter, two steps each with ``--set base=embedded-sdxl``: the three
+    exports together in stock ``StableDiffusionXLControlNetPipeline`` (from ``condkit base export
+    --base embedded-sdxl``) draw what ``condkit generate`` draws."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    from condkit.adapters.controlnet.generate import shapes_conditions
+    from condkit.cli import main
+
+    short = ["base=embedded-sdxl", "train.max_steps=2", "train.batch_size=2", "train.lr_warmup_steps=0", "validation.every=0",
+             "validation.num_inference_steps=2"]
+    extra = {"lora-few-images": ["data.prior_count=2"], "controlnet-canny": ["data.shapes_count=8"], "ip-adapter": ["data.shapes_count=8"]}
+    for recipe, more in extra.items():
+        argv = ["train", recipe, "--output", str(tmp_path / recipe), "--no-progress"]
+        assert main(argv + [item for override in short + more for item in ("--set", override)]) == 0, recipe
+    Image.fromarray(shapes_conditions([("red", "circle", "blue")], 64)[0]).save(tmp_path / "map.png")
+    Image.new("RGB", (64, 64), (40, 200, 40)).save(tmp_path / "ref.png")
+    prompt = "a red sks on a blue background"
+    assert main([
+        "generate", "--base", EMBEDDED_SDXL, "--adapter", str(tmp_path / "lora-few-images"), "--adapter", str(tmp_path / "controlnet-canny"),
+        "--adapter", str(tmp_path / "ip-adapter"), "--control-image", str(tmp_path / "map.png"), "--ip-image", str(tmp_path / "ref.png"),
+        "--prompt", prompt, "--steps", "3", "--guidance", "5", "--seed", "3", "--output", str(tmp_path / "out"),
+    ]) == 0
+    ours = np.asarray(Image.open(tmp_path / "out" / "000003.png"))
+
+    assert main(["base", "export", str(tmp_path / "base"), "--base", EMBEDDED_SDXL]) == 0
+    branch = ControlNetModel.from_pretrained(tmp_path / "controlnet-canny" / "controlnet", local_files_only=True)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tmp_path / "base", controlnet=branch, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(tmp_path / "lora-few-images")
+    pipe.load_ip_adapter(str(tmp_path / "ip-adapter"), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder="image_encoder")
+    call = dict(image=Image.open(tmp_path / "map.png").convert("RGB"), ip_adapter_image=Image.open(tmp_path / "ref.png").convert("RGB"),
+                num_inference_steps=3, guidance_scale=5.0, height=64, width=64)
+    theirs = np.asarray(pipe(prompt, generator=torch.Generator().manual_seed(3), **call).images[0])
+    np.testing.assert_array_equal(ours, theirs)

@@ -7,6 +7,8 @@ It is a plain ``StableDiffusionXLPipeline`` folder:
 * ``vae/``: a file copy of the SD embedded base's VAE (64x64x3 <-> 4x16x16), whatever
   VAE that base ships at build time, so both bases draw through the same decoder;
 * ``tokenizer/``, ``tokenizer_2/``: the SD embedded base's tokenizer, twice;
+* ``image_encoder/``, ``feature_extractor/``: the SD embedded base's trained CLIP image
+  encoder and its processor, for IP-Adapters;
 * ``text_encoder/``: a CLIP-L-like ``CLIPTextModel`` (width 64, quick_gelu), and
   ``text_encoder_2/``: a wider ``CLIPTextModelWithProjection`` (width 96, gelu, 64-d
   pooled projection), as SDXL pairs CLIP-L (768) with OpenCLIP bigG (1280). Seeded random
@@ -79,7 +81,9 @@ SCHEDULER_CONFIG = dict(
     use_karras_sigmas=False,
 )
 
-COPIED = ("vae", "tokenizer")  # folders taken from the SD embedded base as files
+# Folders taken from the SD embedded base as files: its VAE and tokenizer, and its trained
+# CLIP image encoder so IP-Adapters train on the SDXL base too (SDXL folders ship one the same way).
+COPIED = ("vae", "tokenizer", "image_encoder", "feature_extractor")
 
 
 def _text_configs(tokenizer_dir: Path):
@@ -102,15 +106,15 @@ def unet_config(vae_dir: Path) -> dict:
 
 
 def model_index() -> dict:
-    """``model_index.json`` of the folder: a ``StableDiffusionXLPipeline`` without image encoder."""
+    """``model_index.json`` of the folder: a ``StableDiffusionXLPipeline`` with the SD base's image encoder."""
     import diffusers
 
     return {
         "_class_name": "StableDiffusionXLPipeline",
         "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
         "force_zeros_for_empty_prompt": False,
-        "image_encoder": [None, None],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
@@ -127,7 +131,7 @@ def build_sdxl_base(out_dir: str | Path, seed: int = 0, source: str | Path = EMB
     Args:
         out_dir: destination folder.
         seed: torch seed of the text encoders' and the U-Net's random weights.
-        source: the SD embedded base folder whose ``vae/`` and ``tokenizer/`` are copied.
+        source: the SD embedded base folder whose :data:`COPIED` folders are copied.
 
     Returns:
         ``out_dir``.
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--source", type=Path, default=EMBEDDED_BASE_DIR, help="SD embedded base folder to copy vae/ and tokenizer/ from")
+    parser.add_argument("--source", type=Path, default=EMBEDDED_BASE_DIR, help="SD embedded base folder to copy vae/, tokenizer/ and image_encoder/ from")
     parser.add_argument("--debug", action="store_true", help="show the traceback of input errors")
     args = parser.parse_args(argv)
 
