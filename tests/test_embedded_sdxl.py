@@ -207,3 +207,11 @@ def test_shipped_recipes_train_on_embedded_sdxl_and_stock_sdxl_pipelines_load_th
                 num_inference_steps=3, guidance_scale=5.0, height=64, width=64)
     theirs = np.asarray(pipe(prompt, generator=torch.Generator().manual_seed(3), **call).images[0])
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_installed_sdxl_base_draws_through_the_sd_bases_colour_vae():
+    """Issue 21: the SDXL base uses a VAE of the same quality: it is the SD base's file, byte for byte."""
+    from condkit.embedded import EMBEDDED_SDXL_BASE_DIR
+
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (EMBEDDED_SDXL_BASE_DIR / "vae" / name).read_bytes() == (EMBEDDED_BASE_DIR / "vae" / name).read_bytes(), name
