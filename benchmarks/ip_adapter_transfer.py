@@ -60,11 +60,12 @@ def sample(base, adapter, references, args, guidance: float) -> list:
 
 
 def stock_pipeline(base_folder: Path, adapter_folder: Path | None):
-    """A user's path: stock ``StableDiffusionPipeline.from_pretrained`` on the exported base, plus
-    ``load_ip_adapter`` exactly as the README gives it (scale 1.0) when ``adapter_folder`` is set."""
-    from diffusers import StableDiffusionPipeline
+    """A user's path: the stock pipeline of the exported base's ``model_index.json``
+    (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``), plus ``load_ip_adapter``
+    exactly as the README gives it (scale 1.0) when ``adapter_folder`` is set."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(base_folder, safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(base_folder)
     pipe.set_progress_bar_config(disable=True)
     if adapter_folder is not None:
         pipe.load_ip_adapter(
@@ -185,7 +186,7 @@ def main() -> None:
     group.add_argument("--train", type=Path, metavar="OUT", help="train the ip-adapter recipe into OUT first")
     parser.add_argument("--recipe", default="ip-adapter", help="recipe for --train")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides for --train")
-    parser.add_argument("--base", default="embedded", help="embedded or a diffusers base folder")
+    parser.add_argument("--base", default="embedded", help="embedded, embedded-sdxl or a diffusers base folder")
     parser.add_argument("--per-combo", type=int, default=2, help="shapes-world references per held-out combo (12 combos)")
     parser.add_argument("--drawn", type=int, default=24, help="independently drawn references")
     parser.add_argument("--prompt", default="a shape")
@@ -222,7 +223,7 @@ def main() -> None:
     adapter = IPAdapter.load(args.adapter, base)
     sets = reference_sets(args.per_combo, args.drawn)
     with tempfile.TemporaryDirectory() as scratch:
-        base_folder = export_embedded(Path(scratch) / "base") if args.base == "embedded" else Path(args.base)
+        base_folder = export_embedded(Path(scratch) / "base", name=args.base) if args.base.startswith("embedded") else Path(args.base)
         table = transfer_table(base, adapter, base_folder, args.adapter, sets, args)
     print_table(table)
     results["transfer"] = {

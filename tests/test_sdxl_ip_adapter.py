@@ -91,6 +91,27 @@ def test_every_cross_attention_layer_gets_an_image_branch_and_scale_zero_is_the_
     assert torch.equal(unet_output(base), before)
 
 
+def test_reference_dependence_runs_on_sdxl_with_the_familys_arguments(base):
+    """The transfer benchmark's loss ratio passes SDXL's pooled text and time_ids to the U-Net;
+    with the image branch at scale 0 the reference cannot matter (ratio exactly 1)."""
+    from condkit.adapters.ip_adapter.metrics import reference_dependence
+
+    g = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy() for _ in range(3)]
+    references = [np.asarray(reference_image(colour)) for colour in ((220, 30, 30), (30, 30, 220), (30, 200, 30))]
+    adapter = IPAdapter(IPAdapterConfig())
+    adapter.attach(base)
+    try:
+        perturb(adapter.trainable_parameters(), seed=1)
+        acting = reference_dependence(adapter, base, images, references, "a shape", seed=0, repeats=2)
+        adapter.set_scale(0.0)
+        silent = reference_dependence(adapter, base, images, references, "a shape", seed=0, repeats=2)
+    finally:
+        adapter.detach()
+    assert acting["wrong_over_right"] != 1.0 and silent["wrong_over_right"] == 1.0
+    assert silent["loss_right_reference"] > 0
+
+
 def test_export_loads_in_stock_sdxl_load_ip_adapter_with_the_same_images(base, tiny_sdxl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

@@ -146,7 +146,8 @@ def reference_dependence(
         ``loss_right_reference``, ``loss_wrong_reference`` (means over targets and
         draws) and ``wrong_over_right``.
     """
-    from condkit.train.encode import encode_prompts, latent_distribution
+    from condkit.adapters import adapter_unet_kwargs, merge_unet_kwargs
+    from condkit.train.encode import encode_conditioning, latent_distribution
 
     pixels = torch.stack([torch.from_numpy(np.asarray(i)).permute(2, 0, 1).float() / 127.5 - 1 for i in images])  # (n, 3, H, W)
     reference_pixels = torch.stack([torch.from_numpy(np.asarray(r)).permute(2, 0, 1).float() / 255 for r in references])  # (n, 3, H, W) [0, 1]
@@ -154,7 +155,8 @@ def reference_dependence(
     scheduler = base.noise_scheduler()
     latents, _ = latent_distribution(base, pixels)  # (n, 4, h, w): the posterior mean, no sampling noise
     latents = latents.repeat(repeats, 1, 1, 1)  # (repeats * n, 4, h, w)
-    text = encode_prompts(base, [prompt] * len(latents))  # (repeats * n, 77, d)
+    # The family's whole conditioning: (repeats * n, 77, d) hidden states, plus SDXL's pooled text and time_ids.
+    conditioning = encode_conditioning(base, [prompt] * len(latents))
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -163,7 +165,9 @@ def reference_dependence(
     losses = {}
     for name, shift in (("right", 0), ("wrong", 1)):
         paired = {key: value.roll(shift, dims=0).repeat(repeats, *([1] * (value.ndim - 1))) for key, value in extras.items()}
-        prediction = base.unet(noisy, timesteps, text, **adapter.unet_kwargs(noisy, timesteps, text, paired)).sample
+        own = adapter_unet_kwargs(adapter, noisy, timesteps, conditioning, paired)
+        kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), (adapter, own)])
+        prediction = base.unet(noisy, timesteps, conditioning.encoder_hidden_states, **kwargs).sample
         losses[f"loss_{name}_reference"] = float(torch.mean((prediction - target) ** 2))
     losses["wrong_over_right"] = losses["loss_wrong_reference"] / losses["loss_right_reference"]
     return losses
