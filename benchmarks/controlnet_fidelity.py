@@ -86,7 +86,8 @@ def map_dependence(base, adapter, pairs, seed: int) -> dict:
     """
     import torch
 
-    from condkit.train.encode import encode_prompts, latent_distribution
+    from condkit.adapters import adapter_unet_kwargs, merge_unet_kwargs
+    from condkit.train.encode import encode_conditioning, latent_distribution
 
     images = torch.stack([torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1 for _, _, img, _ in pairs])  # (n, 3, H, W)
     maps = torch.stack([torch.from_numpy(c).permute(2, 0, 1).float() / 255 for _, _, _, c in pairs])  # (n, 3, H, W) in [0, 1]
@@ -94,15 +95,17 @@ def map_dependence(base, adapter, pairs, seed: int) -> dict:
     scheduler = base.noise_scheduler()
     with torch.no_grad():
         latents, _ = latent_distribution(base, images)  # (n, 4, h, w); the mean: no sampling noise
-        text = encode_prompts(base, [prompt for prompt, _, _, _ in pairs])
+        # The family's whole conditioning: (n, 77, d) hidden states, plus SDXL's pooled text and time_ids.
+        conditioning = encode_conditioning(base, [prompt for prompt, _, _, _ in pairs])
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(pairs),), generator=g)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         losses = {}
         for name, condition in (("right_map", maps), ("wrong_map", maps.roll(1, dims=0))):
-            kwargs = adapter.unet_kwargs(noisy, timesteps, text, {"condition": condition})
-            prediction = base.unet(noisy, timesteps, text, **kwargs).sample
+            own = adapter_unet_kwargs(adapter, noisy, timesteps, conditioning, {"condition": condition})
+            kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), (adapter, own)])
+            prediction = base.unet(noisy, timesteps, conditioning.encoder_hidden_states, **kwargs).sample
             losses[f"loss_{name}"] = float(torch.mean((prediction - target) ** 2))
     losses["wrong_over_right"] = losses["loss_wrong_map"] / losses["loss_right_map"]
     return losses

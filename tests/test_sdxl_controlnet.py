@@ -148,3 +148,24 @@ def test_canny_recipe_trains_on_sdxl_validates_and_resumes_bit_exactly(tiny_sdxl
     assert _train(tiny_sdxl, resumed_dir, "--resume", "latest") == 0
     resumed = load_file(resumed_dir / "controlnet" / WEIGHTS)
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_fidelity_benchmarks_map_dependence_runs_on_sdxl_with_the_familys_arguments(base):
+    """``benchmarks/controlnet_fidelity.py``'s loss ratio passes SDXL's pooled text and time_ids;
+    a zero-init branch cannot tell the maps apart (ratio exactly 1), a moved one can."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from controlnet_fidelity import held_out_pairs, map_dependence
+
+    pairs = held_out_pairs(base.resolution, placements=1, seed=7)[:3]
+    adapter = ControlNetAdapter(ControlNetConfig())
+    adapter.attach(base)
+    try:
+        fresh = map_dependence(base, adapter, pairs, seed=0)
+        perturb(adapter.controlnet, seed=2)
+        moved = map_dependence(base, adapter, pairs, seed=0)
+    finally:
+        adapter.detach()
+    assert fresh["wrong_over_right"] == 1.0 and moved["wrong_over_right"] != 1.0

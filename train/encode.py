@@ -23,23 +23,6 @@ def encode_conditioning(base, prompts: list[str], device: torch.device | str | N
     return family_of(base).encode_prompts(base, prompts, device)
 
 
-def encode_prompts(base, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
-    """The ``encoder_hidden_states`` part of :func:`encode_conditioning` alone.
-
-    For code that calls an SD 1.x/2.x U-Net directly (metrics, benchmarks); the loop,
-    the cache and validation use the whole conditioning.
-
-    Args:
-        base: a :class:`condkit.base.BaseModel`.
-        prompts: b prompts.
-        device: where to run; default the text encoders' device.
-
-    Returns:
-        (b, tokens, d) hidden states ((b, 77, d) for SD).
-    """
-    return encode_conditioning(base, prompts, device).encoder_hidden_states
-
-
 def latent_distribution(base, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode images to the VAE's latent distribution, already scaled for the U-Net.
 
