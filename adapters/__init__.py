@@ -5,7 +5,7 @@ hooks, save/load) and, where needed, ``formats.py`` (conversions to and from the
 formats other tools use). :mod:`condkit.adapters.registry` maps names to kinds.
 """
 
-from condkit.adapters.base import ADAPTER_CONFIG_FILE, Adapter, AdapterConfig, adapter_unet_kwargs, merge_unet_kwargs
+from condkit.adapters.base import ADAPTER_CONFIG_FILE, Adapter, AdapterConfig, adapter_unet_kwargs, merge_unet_kwargs, unet_call_kwargs
 from condkit.adapters.registry import detect_kind, get_adapter_class, list_kinds, load_adapter
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "load_adapter",
     "adapter_unet_kwargs",
     "merge_unet_kwargs",
+    "unet_call_kwargs",
 ]

@@ -685,6 +685,29 @@ def adapter_unet_kwargs(
     return adapter.unet_kwargs(noisy_latents, timesteps, hidden, extras)
 
 
+def unet_call_kwargs(
+    adapters: list[Adapter],
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    conditioning: Conditioning,
+    extras: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """The U-Net's keyword arguments for one call: the model family's own (SDXL: pooled text,
+    size ids) merged with every adapter's (:func:`adapter_unet_kwargs`, :func:`merge_unet_kwargs`).
+
+    Call the U-Net as ``unet(noisy_latents, timesteps, conditioning.encoder_hidden_states, **kwargs)``.
+
+    Args:
+        adapters: the attached adapters, in call order.
+        noisy_latents: (b, c, h, w) noisy latents.
+        timesteps: (b,) timesteps.
+        conditioning: the family's conditioning of the batch.
+        extras: the adapters' extras of the batch.
+    """
+    parts = [(a, adapter_unet_kwargs(a, noisy_latents, timesteps, conditioning, extras)) for a in adapters]
+    return merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), *parts])
+
+
 def merge_unet_kwargs(parts: list[tuple[Adapter | type[Adapter] | None, dict[str, Any]]]) -> dict[str, Any]:
     """Merge the U-Net keyword arguments of several adapters (and the model family) into one call.
 

@@ -86,7 +86,7 @@ def map_dependence(base, adapter, pairs, seed: int) -> dict:
     """
     import torch
 
-    from condkit.adapters import adapter_unet_kwargs, merge_unet_kwargs
+    from condkit.adapters import unet_call_kwargs
     from condkit.train.encode import encode_conditioning, latent_distribution
 
     images = torch.stack([torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1 for _, _, img, _ in pairs])  # (n, 3, H, W)
@@ -103,8 +103,7 @@ def map_dependence(base, adapter, pairs, seed: int) -> dict:
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         losses = {}
         for name, condition in (("right_map", maps), ("wrong_map", maps.roll(1, dims=0))):
-            own = adapter_unet_kwargs(adapter, noisy, timesteps, conditioning, {"condition": condition})
-            kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), (adapter, own)])
+            kwargs = unet_call_kwargs([adapter], noisy, timesteps, conditioning, {"condition": condition})
             prediction = base.unet(noisy, timesteps, conditioning.encoder_hidden_states, **kwargs).sample
             losses[f"loss_{name}"] = float(torch.mean((prediction - target) ** 2))
     losses["wrong_over_right"] = losses["loss_wrong_map"] / losses["loss_right_map"]

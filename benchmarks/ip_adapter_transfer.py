@@ -204,7 +204,7 @@ def main() -> None:
 
     from condkit.adapters.ip_adapter import IPAdapter, IPAdapterConfig
     from condkit.adapters.ip_adapter.metrics import reference_dependence
-    from condkit.base import export_embedded, load_base
+    from condkit.base import EMBEDDED_BASES, export_embedded, load_base
     from condkit.io import write_json_atomic
 
     results: dict = {}
@@ -223,7 +223,7 @@ def main() -> None:
     adapter = IPAdapter.load(args.adapter, base)
     sets = reference_sets(args.per_combo, args.drawn)
     with tempfile.TemporaryDirectory() as scratch:
-        base_folder = export_embedded(Path(scratch) / "base", name=args.base) if args.base.startswith("embedded") else Path(args.base)
+        base_folder = export_embedded(Path(scratch) / "base", name=args.base) if args.base in EMBEDDED_BASES else Path(args.base)
         table = transfer_table(base, adapter, base_folder, args.adapter, sets, args)
     print_table(table)
     results["transfer"] = {

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from condkit.adapters import adapter_unet_kwargs, merge_unet_kwargs
+from condkit.adapters import unet_call_kwargs
 from condkit.errors import UserError
 from condkit.families import Conditioning, ModelFamily
 from condkit.io import remove_stale_temporaries, write_json_atomic
@@ -480,8 +480,7 @@ def _micro_batch_loss(state: TrainState, step: int, micro: int) -> torch.Tensor:
         hidden = conditioning.encoder_hidden_states  # (b, tokens, d)
         # The family's own U-Net arguments (SDXL: pooled text, size ids) merge with the adapters';
         # each adapter sees the whole conditioning (an SDXL ControlNet branch needs those arguments too).
-        parts = [(a, adapter_unet_kwargs(a, noisy_latents, timesteps, conditioning, extras)) for a in state.adapters]
-        unet_kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), *parts])
+        unet_kwargs = unet_call_kwargs(state.adapters, noisy_latents, timesteps, conditioning, extras)
         prediction = state.model(noisy_latents, timesteps, hidden, **unet_kwargs).sample
     loss = masks_lib.per_sample_loss(prediction, target, mask)  # (b,) MSE: the mean, or over the masked area
     weights = adapter.loss_weights(timesteps, noise_scheduler, cfg.snr_gamma)  # (b,) min-SNR by default, or None

@@ -146,7 +146,7 @@ def reference_dependence(
         ``loss_right_reference``, ``loss_wrong_reference`` (means over targets and
         draws) and ``wrong_over_right``.
     """
-    from condkit.adapters import adapter_unet_kwargs, merge_unet_kwargs
+    from condkit.adapters import unet_call_kwargs
     from condkit.train.encode import encode_conditioning, latent_distribution
 
     pixels = torch.stack([torch.from_numpy(np.asarray(i)).permute(2, 0, 1).float() / 127.5 - 1 for i in images])  # (n, 3, H, W)
@@ -165,8 +165,7 @@ def reference_dependence(
     losses = {}
     for name, shift in (("right", 0), ("wrong", 1)):
         paired = {key: value.roll(shift, dims=0).repeat(repeats, *([1] * (value.ndim - 1))) for key, value in extras.items()}
-        own = adapter_unet_kwargs(adapter, noisy, timesteps, conditioning, paired)
-        kwargs = merge_unet_kwargs([(None, dict(conditioning.unet_kwargs)), (adapter, own)])
+        kwargs = unet_call_kwargs([adapter], noisy, timesteps, conditioning, paired)
         prediction = base.unet(noisy, timesteps, conditioning.encoder_hidden_states, **kwargs).sample
         losses[f"loss_{name}_reference"] = float(torch.mean((prediction - target) ** 2))
     losses["wrong_over_right"] = losses["loss_wrong_reference"] / losses["loss_right_reference"]
